@@ -1,0 +1,50 @@
+"""Pure-ASGI middleware: opens a request scope for the listeners and checks it when the call ends.
+
+Pure ASGI rather than BaseHTTPMiddleware: the call returns only after the response is sent,
+yield-dependency cleanup has run and background tasks are done, which is the moment a leak is
+certain; and ContextVars set here reach the app. It creates no state of its own: Starlette may
+build it lazily, and more than once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .context import RequestScope, current_request
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping
+
+    from .monitor import SessionMonitor
+
+    Scope = MutableMapping[str, Any]
+    Message = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class SessionMonitorMiddleware:
+    def __init__(self, app: ASGIApp, *, monitor: SessionMonitor) -> None:
+        self.app = app
+        self.monitor = monitor
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        monitor = self.monitor
+        if scope["type"] != "http" or not monitor.instrumented:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path == monitor.config.metrics_path and monitor.metrics_app is not None:
+            await monitor.metrics_app(scope, receive, send)
+            return
+        if path in monitor.config.excluded_paths:
+            await self.app(scope, receive, send)
+            return
+        request = RequestScope(scope)  # type: ignore[arg-type]
+        token = current_request.set(request)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_request.reset(token)
+            monitor._request_finished(request)

@@ -1,0 +1,265 @@
+"""SessionMonitor: the one object an application builds, attaches and can remove."""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from collections.abc import Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from . import _hooks
+from ._listeners import Guard, ListenerSet
+from .config import ConfigurationError, MonitorConfig, excluded_path_set
+from .context import RequestScope
+from .leaks import AgeWatcher, LeakLog
+from .metrics import PrometheusMetrics
+from .middleware import SessionMonitorMiddleware
+from .observer import Observer
+from .pool import PoolTracker
+from .sessions import SessionTracker
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    EngineLike = Engine | AsyncEngine
+
+
+def _sync_engines(engines: Iterable[Any]) -> list[Engine]:
+    found: list[Engine] = []
+    for candidate in engines:
+        if isinstance(candidate, (list, tuple, set, frozenset)):
+            found.extend(_sync_engines(candidate))
+        elif isinstance(candidate, Engine):
+            found.append(candidate)
+        elif isinstance(getattr(candidate, "sync_engine", None), Engine):
+            # An AsyncEngine, recognised without importing SQLAlchemy's asyncio extension,
+            # which needs greenlet.
+            found.append(candidate.sync_engine)
+        else:
+            raise ConfigurationError(
+                "SessionMonitor watches SQLAlchemy engines: pass Engine or AsyncEngine objects "
+                "(SessionMonitor(engine) or SessionMonitor(engine_a, engine_b)), or none at all "
+                f"to watch every engine in the process; got {type(candidate).__name__}"
+            )
+    return found
+
+
+class SessionMonitor:
+    """Watch SQLAlchemy sessions and pools, and report them as metrics (and spans).
+
+    ::
+
+        engine = create_engine(DATABASE_URL)
+        monitor = SessionMonitor(engine)      # SessionMonitor() watches every engine
+        monitor.instrument_app(app)           # middleware, and /metrics unless metrics_path=None
+        ...
+        monitor.uninstrument()                # removes exactly what was added
+    """
+
+    def __init__(
+        self,
+        *engines: EngineLike | Iterable[EngineLike],
+        registry: CollectorRegistry | None = REGISTRY,
+        pool_name: str | None = None,
+        leak_threshold: float | None = None,
+        capture_stacks: bool = False,
+        stack_depth: int = 12,
+        excluded_paths: Iterable[str] | None = None,
+        metrics_path: str | None = "/metrics",
+        log_leaks: bool = True,
+        opentelemetry: bool | None = None,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        observers: Iterable[Observer] = (),
+    ) -> None:
+        sync_engines = _sync_engines(engines)
+        self.config = MonitorConfig(
+            pool_name=pool_name,
+            leak_threshold=leak_threshold,
+            capture_stacks=capture_stacks,
+            stack_depth=stack_depth,
+            excluded_paths=excluded_path_set(excluded_paths),
+            metrics_path=metrics_path,
+            log_leaks=log_leaks,
+        )
+        if pool_name is not None and len(sync_engines) != 1:
+            raise ConfigurationError(
+                "pool_name names the pool of exactly one engine; with several engines, or none "
+                "(every engine), each pool is named from its URL as host:port/database"
+            )
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise ConfigurationError(
+                "registry must be a prometheus_client CollectorRegistry, or None to create "
+                f"metrics without registering them; got {type(registry).__name__}"
+            )
+        self.registry = registry
+        try:
+            self.metrics = PrometheusMetrics(registry)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{error}. Another SessionMonitor already registered its metrics in this "
+                "registry: build one monitor per process (it can watch several engines), call "
+                "uninstrument() on the old one first, or pass registry=CollectorRegistry()."
+            ) from None
+        all_observers: list[Observer] = [self.metrics]
+        if opentelemetry or (
+            opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
+        ):
+            from .tracing import OpenTelemetryObserver  # type: ignore[import-not-found]
+
+            all_observers.append(
+                OpenTelemetryObserver(
+                    tracer_provider=tracer_provider, meter_provider=meter_provider
+                )
+            )
+        all_observers.extend(observers)
+        self.observers: tuple[Observer, ...] = tuple(all_observers)
+        self.metrics_app = self._build_metrics_app(registry)
+
+        self._guard = Guard(self._count_internal_error)
+        self._listeners = ListenerSet()
+        leak_log = LeakLog(self.config.log_leaks)
+        self._sessions = SessionTracker(self.config, self.observers, self._guard, leak_log)
+        self._pools = PoolTracker(
+            self._sessions,
+            self.observers,
+            self._guard,
+            self._listeners,
+            leak_log,
+            every_engine=not sync_engines,
+            pool_name=pool_name,
+        )
+        self._age_watcher: AgeWatcher | None = None
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.instrumented = False
+        self._instrument(sync_engines)
+
+    # -- wiring -------------------------------------------------------------------------------
+
+    def _build_metrics_app(self, registry: CollectorRegistry | None) -> Any:
+        if self.config.metrics_path is None or registry is None:
+            return None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Each worker writes its values to files; a scrape must read all workers' files.
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return make_asgi_app(registry)
+
+    def _instrument(self, engines: list[Engine]) -> None:
+        for engine in engines:
+            self._pools.add_engine(engine)
+        self._sessions.listen(self._listeners)
+        threshold = self.config.leak_threshold
+        if threshold is not None:
+            self._age_watcher = AgeWatcher(
+                threshold,
+                self._pools.checkouts,
+                lambda checkout: self._pools.report_age(checkout, threshold),
+                self._guard.failed,
+            )
+            self._age_watcher.start()
+        _hooks.subscribe(self)
+        self.instrumented = True
+
+    def instrument_app(self, app: Any) -> Any:
+        """Add the middleware (which also serves `metrics_path`) to a Starlette/FastAPI app."""
+        if app in self._apps:
+            warnings.warn("session_monitor: this app is already instrumented", stacklevel=2)
+            return app
+        app.add_middleware(SessionMonitorMiddleware, monitor=self)
+        self._apps.add(app)
+        return app
+
+    def uninstrument(self) -> None:
+        """Remove listeners, hooks, middleware and metrics that this monitor added."""
+        if not self.instrumented:
+            return
+        self.instrumented = False  # a middleware already built now passes requests through
+        _hooks.unsubscribe(self)
+        self._listeners.remove_all()
+        if self._age_watcher is not None:
+            self._age_watcher.stop()
+        for app in list(self._apps):
+            user_middleware = getattr(app, "user_middleware", None)
+            if isinstance(user_middleware, list):
+                user_middleware[:] = [
+                    m
+                    for m in user_middleware
+                    if not (
+                        getattr(m, "cls", None) is SessionMonitorMiddleware
+                        and getattr(m, "kwargs", {}).get("monitor") is self
+                    )
+                ]
+        self._apps = weakref.WeakSet()
+        if self.registry is not None:
+            for collector in self.metrics.collectors():
+                self.registry.unregister(collector)
+        for observer in self.observers:
+            observer.close()
+
+    # -- what the hooks, listeners and middleware call (never raise) -------------------------
+
+    def _count_internal_error(self, listener: str) -> None:
+        for observer in self.observers:
+            observer.internal_error(listener)
+
+    def _wrap_acquire(self, engine: Engine, call: Any) -> Any:
+        try:
+            state = self._pools.state_for(engine)
+        except Exception:
+            self._guard.failed("raw_connection")
+            return call
+        if state is None:
+            return call
+        pools = self._pools
+        return lambda: pools.acquire(state, call)
+
+    def _session_acquiring(
+        self, session: Session, bind: Engine | Connection, frame: FrameType
+    ) -> None:
+        try:
+            tracked = self._sessions.tracked(session)
+            if tracked is not None and not tracked.closed:
+                return
+            state = self._pools.state_for(bind.engine)
+            if state is not None:
+                self._sessions.open_orm(session, state.name, frame)
+        except Exception:
+            self._guard.failed("session_open")
+
+    def _session_transaction_began(self, session: Session, transaction: SessionTransaction) -> None:
+        try:
+            self._sessions.orm_transaction_began(session, transaction)
+        except Exception:
+            self._guard.failed("transaction_begin")
+
+    def _session_closed(self, session: Session) -> None:
+        try:
+            self._sessions.close_orm(session)
+        except Exception:
+            self._guard.failed("session_close")
+
+    def _request_finished(self, request: RequestScope) -> None:
+        try:
+            self._sessions.request_finished(request)
+        except Exception:
+            self._guard.failed("request_end")
+
+    # -- introspection, for tests and the benchmark --------------------------------------------
+
+    @property
+    def tracked_sessions(self) -> int:
+        """ORM sessions open now that the monitor holds state for."""
+        return self._sessions.live_sessions
+
+    @property
+    def tracked_checkouts(self) -> int:
+        return self._pools.tracked_checkouts

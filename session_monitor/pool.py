@@ -1,0 +1,339 @@
+"""Pool listeners: checkouts, checkins, connection creation and invalidation, per engine.
+
+State follows sqlalchemy-collectd: the pool's connections are kept as sets of record ids (idle)
+and a dict of checkouts (used), and the gauges are *set from their sizes*, so a missed or
+repeated event can never drive a gauge negative. Each listener is a few lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import QueuePool
+
+from ._hooks import acquiring_session
+from ._listeners import Guard, ListenerSet
+from .context import current_request
+from .leaks import LeakLog
+from .naming import pool_name_for
+from .observer import Observer
+from .records import TrackedCheckout
+from .sessions import SessionTracker
+from .stacks import format_stack
+
+# When the innermost raw_connection() of this context started waiting.
+_wait_started: ContextVar[float | None] = ContextVar("session_monitor_wait", default=None)
+_CONNECT_STARTED = "session_monitor.connect_started"
+
+
+class PoolState:
+    """One pool name's connections: engines with the same URL share it."""
+
+    __slots__ = ("capacities", "checked_out", "idle", "lock", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lock = threading.RLock()  # RLock: garbage-collection callbacks may re-enter
+        self.checked_out: dict[int, TrackedCheckout] = {}
+        self.idle: set[int] = set()
+        self.capacities: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+
+
+def _capacity(engine: Engine) -> int | None:
+    pool = engine.pool
+    if not isinstance(pool, QueuePool):
+        return None
+    overflow: int = getattr(pool, "_max_overflow", -1)
+    return None if overflow < 0 else pool.size() + overflow
+
+
+class PoolTracker:
+    def __init__(
+        self,
+        sessions: SessionTracker,
+        observers: Sequence[Observer],
+        guard: Guard,
+        listeners: ListenerSet,
+        leak_log: LeakLog,
+        *,
+        every_engine: bool,
+        pool_name: str | None,
+    ) -> None:
+        self._sessions = sessions
+        self._observers = tuple(observers)
+        self._guard = guard
+        self._listeners = listeners
+        self._leak_log = leak_log
+        self._every_engine = every_engine
+        self._pool_name = pool_name
+        self._engines: weakref.WeakKeyDictionary[Engine, PoolState] = weakref.WeakKeyDictionary()
+        self._states: dict[str, PoolState] = {}
+        self._lock = threading.Lock()
+        # The key under which a connection's current checkout is kept in its pool entry's info.
+        self.key = object()
+
+    # -- engines -----------------------------------------------------------------------------
+
+    def state_for(self, engine: Engine) -> PoolState | None:
+        state = self._engines.get(engine)
+        if state is None and self._every_engine:
+            state = self.add_engine(engine)
+        return state
+
+    def add_engine(self, engine: Engine) -> PoolState:
+        with self._lock:
+            state = self._engines.get(engine)
+            if state is not None:
+                return state
+            name = self._pool_name or pool_name_for(engine.url)
+            state = self._states.get(name)
+            if state is None:
+                state = self._states[name] = PoolState(name)
+            self._listen(engine, state)
+            self._engines[engine] = state
+        capacity = _capacity(engine)
+        if capacity is not None:
+            with state.lock:
+                state.capacities[engine] = capacity
+                total = sum(state.capacities.values())
+                for observer in self._observers:
+                    observer.pool_capacity(name, total)
+        with state.lock:
+            self._publish_usage(state)
+        return state
+
+    def _listen(self, engine: Engine, state: PoolState) -> None:
+        def bind(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+            def listener(*args: Any) -> None:
+                fn(state, *args)
+
+            return self._guard.wrap(name, listener)
+
+        listen = self._listeners.listen
+        listen(engine, "do_connect", bind("do_connect", self._do_connect_evt))
+        listen(engine, "connect", bind("connect", self._connect_evt))
+        listen(engine, "checkout", bind("checkout", self._checkout_evt))
+        listen(engine, "checkin", bind("checkin", self._checkin_evt))
+        listen(engine, "close", bind("close", self._close_evt))
+        listen(engine, "detach", bind("detach", self._detach_evt))
+        listen(engine, "invalidate", bind("invalidate", self._invalidate_evt))
+        listen(engine, "soft_invalidate", bind("soft_invalidate", self._soft_invalidate_evt))
+        listen(engine, "reset", bind("reset", self._reset_evt))
+        listen(engine, "begin", bind("begin", self._begin_evt))
+        listen(engine, "commit", bind("commit", self._commit_evt))
+        listen(engine, "rollback", bind("rollback", self._rollback_evt))
+
+    def checkouts(self) -> Iterator[TrackedCheckout]:
+        for state in list(self._states.values()):
+            with state.lock:
+                held = list(state.checked_out.values())
+            yield from held
+
+    @property
+    def tracked_checkouts(self) -> int:
+        return sum(len(state.checked_out) for state in list(self._states.values()))
+
+    # -- waiting (called from the raw_connection hook) ---------------------------------------
+
+    def acquire(self, state: PoolState, call: Callable[[], Any]) -> Any:
+        self._pending(state, +1)
+        started = time.perf_counter()
+        token = _wait_started.set(started)
+        try:
+            return call()
+        except exc.TimeoutError:
+            self._timed_out(state, time.perf_counter() - started)
+            raise
+        finally:
+            _wait_started.reset(token)
+            self._pending(state, -1)
+
+    def _pending(self, state: PoolState, delta: int) -> None:
+        try:
+            for observer in self._observers:
+                observer.pool_pending(state.name, delta)
+        except Exception:
+            self._guard.failed("pending")
+
+    def _timed_out(self, state: PoolState, waited: float) -> None:
+        try:
+            orm_session = acquiring_session.get()
+            session = None if orm_session is None else self._sessions.tracked(orm_session)
+            for observer in self._observers:
+                observer.checkout_timed_out(state.name, waited, session)
+        except Exception:
+            self._guard.failed("timeout")
+
+    # -- pool events -------------------------------------------------------------------------
+
+    def _publish_usage(self, state: PoolState) -> None:
+        # Called under state.lock, so concurrent updates reach the gauges in order.
+        idle, used = len(state.idle), len(state.checked_out)
+        for observer in self._observers:
+            observer.pool_usage(state.name, idle, used)
+
+    def _do_connect_evt(
+        self, state: PoolState, dialect: Any, record: Any, cargs: Any, cparams: Any
+    ) -> None:
+        if record is not None:
+            record.info[_CONNECT_STARTED] = time.perf_counter()
+
+    def _connect_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        started = record.info.pop(_CONNECT_STARTED, None)
+        if started is not None:
+            seconds = time.perf_counter() - started
+            for observer in self._observers:
+                observer.connection_created(state.name, seconds)
+
+    def _checkout_evt(
+        self, state: PoolState, dbapi_connection: Any, record: Any, proxy: Any
+    ) -> None:
+        now = time.perf_counter()
+        started = _wait_started.get()
+        wait = now - started if started is not None else 0.0
+        request = current_request.get()
+        orm_session = acquiring_session.get()
+        owner = None if orm_session is None else self._sessions.tracked(orm_session)
+        if owner is None:
+            # Checked out by the app through Core: the connection is the session.
+            owner = self._sessions.open("connection", state.name, sys._getframe(), request)
+        key = id(record)
+        checkout = TrackedCheckout(state.name, key, owner, request)
+        checkout.watch(proxy, self._collected)
+        owner.checkouts.append(checkout)
+        record.info[self.key] = checkout
+        with state.lock:
+            state.checked_out[key] = checkout
+            state.idle.discard(key)
+            self._publish_usage(state)
+        for observer in self._observers:
+            observer.connection_checked_out(checkout, wait)
+
+    def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        key = id(record)
+        record.info.pop(self.key, None)
+        with state.lock:
+            checkout = state.checked_out.pop(key, None)
+            if dbapi_connection is not None:
+                state.idle.add(key)
+            self._publish_usage(state)
+        if checkout is not None:
+            self._returned(checkout)
+
+    def _collected(self, checkout: TrackedCheckout) -> None:
+        # The proxy was dropped without being closed. A sync pool checks the connection in by
+        # itself (that checkin may come before or after this); an async pool detaches it.
+        try:
+            state = self._states[checkout.pool_name]
+            with state.lock:
+                if state.checked_out.get(checkout.record_key) is checkout:
+                    del state.checked_out[checkout.record_key]
+                    self._publish_usage(state)
+            self._returned(checkout)
+        except Exception:
+            self._guard.failed("connection_collected")
+
+    def _returned(self, checkout: TrackedCheckout) -> None:
+        if checkout.returned:
+            return
+        checkout.returned = True
+        held = checkout.held_for
+        owner = checkout.owner
+        if checkout in owner.checkouts:
+            owner.checkouts.remove(checkout)
+        for observer in self._observers:
+            observer.connection_checked_in(checkout, held)
+        if checkout.age_reported:
+            self._leak_log.came_back(checkout, held)
+        if owner.kind == "connection":
+            if owner.transaction_id is not None:
+                self._sessions.end_transaction(owner, owner.transaction_outcome or "close")
+            self._sessions.close(owner, collected=checkout.collected)
+
+    def _close_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        with state.lock:
+            state.idle.discard(id(record))
+            self._publish_usage(state)
+
+    def _detach_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        key = id(record)
+        with state.lock:
+            checkout = state.checked_out.pop(key, None)
+            state.idle.discard(key)
+            self._publish_usage(state)
+        if checkout is not None:
+            self._returned(checkout)
+
+    def _invalidate_evt(
+        self, state: PoolState, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(state, record, soft=False)
+
+    def _soft_invalidate_evt(
+        self, state: PoolState, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(state, record, soft=True)
+
+    def _invalidated(self, state: PoolState, record: Any, *, soft: bool) -> None:
+        checkout = state.checked_out.get(id(record))
+        for observer in self._observers:
+            observer.connection_invalidated(state.name, soft, checkout)
+
+    def report_age(self, checkout: TrackedCheckout, threshold: float) -> None:
+        stack = checkout.owner.stack
+        detail = (
+            f"Held for {checkout.held_for:.3f}s (threshold {threshold:g}s). Opened at:\n"
+            + format_stack(stack)
+            if stack
+            else f"Held for {checkout.held_for:.3f}s (threshold {threshold:g}s); "
+            "set capture_stacks=True to log the whole application stack."
+        )
+        self._sessions.leaked(checkout.owner, "age", detail)
+
+    # -- Core transactions: sessions' own transactions are tracked by session events ----------
+
+    def _core_session(self, connection: Connection) -> Any:
+        checkout: TrackedCheckout | None = connection.info.get(self.key)
+        if checkout is None or checkout.owner.kind != "connection":
+            return None
+        return checkout.owner
+
+    def _begin_evt(self, state: PoolState, connection: Connection) -> None:
+        owner = self._core_session(connection)
+        if owner is not None:
+            self._sessions.begin_transaction(owner, 1)
+
+    def _commit_evt(self, state: PoolState, connection: Connection) -> None:
+        owner = self._core_session(connection)
+        if owner is not None:
+            self._sessions.end_transaction(owner, "commit")
+
+    def _rollback_evt(self, state: PoolState, connection: Connection) -> None:
+        # Connection.close() rolls back an open transaction too: which one this was is known
+        # only at the pool's reset that follows.
+        owner = self._core_session(connection)
+        if owner is not None and owner.transaction_id is not None:
+            owner.transaction_outcome = "rollback"
+
+    def _reset_evt(
+        self, state: PoolState, dbapi_connection: Any, record: Any, reset_state: Any
+    ) -> None:
+        checkout = state.checked_out.get(id(record))
+        if checkout is None:
+            return
+        owner = checkout.owner
+        if owner.kind != "connection" or owner.transaction_id is None:
+            return
+        closed_by_close = bool(getattr(reset_state, "transaction_was_reset", False))
+        outcome = owner.transaction_outcome
+        if outcome == "rollback" and closed_by_close:
+            outcome = "close"
+        self._sessions.end_transaction(owner, outcome or "close")

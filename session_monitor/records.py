@@ -1,0 +1,130 @@
+"""What the monitor knows about one session and one checked-out connection."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from .stacks import Location
+
+if TYPE_CHECKING:
+    from .context import RequestScope
+
+SessionKind = Literal["session", "connection"]
+
+
+class TrackedSession:
+    """One unit of database work: an ORM Session, or a Core Connection the app checked out itself.
+
+    A Session is opened when it first asks for a connection and closed by close() (or a context
+    manager, or the garbage collector). A Core Connection is opened at checkout, closed at checkin.
+    """
+
+    __slots__ = (
+        "checkouts",
+        "closed",
+        "kind",
+        "leak_reason",
+        "location",
+        "method",
+        "opened_at",
+        "opened_at_wall",
+        "pool_name",
+        "request",
+        "route",
+        "span",
+        "stack",
+        "transaction_count",
+        "transaction_id",
+        "transaction_outcome",
+        "transaction_started_at",
+    )
+
+    def __init__(
+        self,
+        kind: SessionKind,
+        pool_name: str,
+        route: str,
+        method: str,
+        request: RequestScope | None,
+        location: Location | None,
+        stack: tuple[Location, ...],
+    ) -> None:
+        self.kind: SessionKind = kind
+        self.pool_name = pool_name
+        self.route = route
+        self.method = method
+        self.request = request
+        self.location = location
+        self.stack = stack
+        self.opened_at = time.perf_counter()
+        self.opened_at_wall = time.time()
+        self.closed = False
+        self.leak_reason: str | None = None
+        self.checkouts: list[TrackedCheckout] = []
+        self.transaction_count = 0
+        self.transaction_id: int | None = None
+        self.transaction_started_at = 0.0
+        self.transaction_outcome: str | None = None
+        # Free for an observer that needs per-session state (the OpenTelemetry span).
+        self.span: Any = None
+
+    def holds_connection_from(self, request: RequestScope) -> bool:
+        return any(checkout.request is request for checkout in self.checkouts)
+
+    @property
+    def age(self) -> float:
+        return time.perf_counter() - self.opened_at
+
+
+class TrackedCheckout:
+    """One checkout of a pooled connection, from checkout to checkin."""
+
+    __slots__ = (
+        "__weakref__",
+        "age_reported",
+        "checked_out_at",
+        "fairy_ref",
+        "owner",
+        "pool_name",
+        "record_key",
+        "request",
+        "returned",
+    )
+
+    def __init__(
+        self,
+        pool_name: str,
+        record_key: int,
+        owner: TrackedSession,
+        request: RequestScope | None,
+    ) -> None:
+        self.pool_name = pool_name
+        self.record_key = record_key
+        self.owner = owner
+        self.request = request
+        self.checked_out_at = time.perf_counter()
+        self.age_reported = False
+        self.returned = False
+        self.fairy_ref: weakref.ref[Any] | None = None
+
+    def watch(self, fairy: Any, on_collected: Callable[[TrackedCheckout], None]) -> None:
+        """Call on_collected if the connection proxy is garbage collected before checkin."""
+        self_ref = weakref.ref(self)
+
+        def collected(_: object) -> None:
+            checkout = self_ref()
+            if checkout is not None and not checkout.returned:
+                on_collected(checkout)
+
+        self.fairy_ref = weakref.ref(fairy, collected)
+
+    @property
+    def collected(self) -> bool:
+        return self.fairy_ref is not None and self.fairy_ref() is None
+
+    @property
+    def held_for(self) -> float:
+        return time.perf_counter() - self.checked_out_at

@@ -1,0 +1,193 @@
+"""Session and transaction bookkeeping: open, close, leak, and transaction outcomes.
+
+Definitions (see the README): an ORM Session is *opened* when it first asks for a connection
+(its first statement or flush) and *closed* by ``close()``, ``invalidate()``, ``reset()``, the
+end of its ``with`` block, or the garbage collector. A Core Connection the app checks out itself
+is a session from checkout to checkin. A session that never touches the database holds nothing
+and is not counted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._listeners import Guard, ListenerSet
+from .config import MonitorConfig
+from .context import RequestScope, current_request
+from .leaks import LeakLog
+from .naming import NO_REQUEST
+from .observer import Observer
+from .records import SessionKind, TrackedSession
+from .stacks import application_location, application_stack
+
+
+class SessionTracker:
+    def __init__(
+        self,
+        config: MonitorConfig,
+        observers: Sequence[Observer],
+        guard: Guard,
+        leak_log: LeakLog,
+    ) -> None:
+        self._config = config
+        self._observers = tuple(observers)
+        self._guard = guard
+        self._leak_log = leak_log
+        # The key under which this monitor keeps its record in `Session.info`.
+        self.key = object()
+        # Weak references to open ORM sessions: their callbacks report sessions dropped unclosed.
+        self._live: dict[int, weakref.ref[Session]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._live)
+
+    def listen(self, listeners: ListenerSet) -> None:
+        wrap = self._guard.wrap
+        listeners.listen(Session, "after_commit", wrap("after_commit", self._after_commit_evt))
+        listeners.listen(
+            Session, "after_rollback", wrap("after_rollback", self._after_rollback_evt)
+        )
+        listeners.listen(
+            Session,
+            "after_transaction_end",
+            wrap("after_transaction_end", self._after_transaction_end_evt),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(
+        self,
+        kind: SessionKind,
+        pool_name: str,
+        frame: FrameType | None,
+        request: RequestScope | None = None,
+    ) -> TrackedSession:
+        if request is None:
+            request = current_request.get()
+        if self._config.capture_stacks:
+            stack = application_stack(frame, self._config.stack_depth)
+            location = stack[0] if stack else None
+        else:
+            stack = ()
+            location = application_location(frame)
+        if request is None:
+            route = method = NO_REQUEST
+        else:
+            route, method = request.route, request.method
+        session = TrackedSession(kind, pool_name, route, method, request, location, stack)
+        if request is not None:
+            request.sessions.append(session)
+        for observer in self._observers:
+            observer.session_opened(session)
+        return session
+
+    def open_orm(self, orm_session: Session, pool_name: str, frame: FrameType) -> None:
+        tracked = self.open("session", pool_name, frame)
+        orm_session.info[self.key] = tracked
+        self._live[id(tracked)] = weakref.ref(orm_session, self._collector_for(tracked))
+
+    def tracked(self, orm_session: Session) -> TrackedSession | None:
+        info: dict[Any, Any] | None = orm_session.__dict__.get("info")
+        if info is None:
+            return None
+        tracked: TrackedSession | None = info.get(self.key)
+        return tracked
+
+    def _collector_for(self, tracked: TrackedSession) -> Callable[[object], None]:
+        def collected(_: object) -> None:
+            try:
+                self.close(tracked, collected=True)
+            except Exception:
+                self._guard.failed("session_collected")
+
+        return collected
+
+    def close_orm(self, orm_session: Session) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None:
+            del orm_session.info[self.key]
+            self.close(tracked)
+
+    def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
+        with self._lock:
+            if tracked.closed:
+                return
+            tracked.closed = True
+        self._live.pop(id(tracked), None)
+        if tracked.transaction_id is not None:
+            self.end_transaction(tracked, tracked.transaction_outcome or "close")
+        if collected:
+            self.leaked(tracked, "gc")
+        duration = time.perf_counter() - tracked.opened_at
+        for observer in self._observers:
+            observer.session_closed(tracked, duration)
+
+    def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
+        with self._lock:
+            if tracked.leak_reason is not None:
+                return
+            tracked.leak_reason = reason
+        for observer in self._observers:
+            observer.session_leaked(tracked, reason)
+        self._leak_log.leaked(tracked, reason, detail)
+
+    def request_finished(self, request: RequestScope) -> None:
+        """Report what the request opened and left holding a connection it acquired."""
+        for tracked in request.sessions:
+            if (
+                not tracked.closed
+                and tracked.leak_reason is None
+                and tracked.holds_connection_from(request)
+            ):
+                self.leaked(tracked, "request_end")
+        request.sessions.clear()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def begin_transaction(self, tracked: TrackedSession, transaction_id: int) -> None:
+        if tracked.transaction_id is not None:
+            self.end_transaction(tracked, tracked.transaction_outcome or "close")
+        tracked.transaction_id = transaction_id
+        tracked.transaction_outcome = None
+        tracked.transaction_started_at = time.perf_counter()
+        tracked.transaction_count += 1
+
+    def end_transaction(self, tracked: TrackedSession, outcome: str) -> None:
+        if tracked.transaction_id is None:
+            return
+        tracked.transaction_id = None
+        tracked.transaction_outcome = None
+        duration = time.perf_counter() - tracked.transaction_started_at
+        for observer in self._observers:
+            observer.transaction_ended(tracked, outcome, duration)
+
+    def orm_transaction_began(self, orm_session: Session, transaction: SessionTransaction) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None and tracked.transaction_id != id(transaction):
+            self.begin_transaction(tracked, id(transaction))
+
+    def _after_commit_evt(self, orm_session: Session) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None and tracked.transaction_id is not None:
+            tracked.transaction_outcome = "commit"
+
+    def _after_rollback_evt(self, orm_session: Session) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None and tracked.transaction_id is not None:
+            tracked.transaction_outcome = "rollback"
+
+    def _after_transaction_end_evt(
+        self, orm_session: Session, transaction: SessionTransaction
+    ) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None and tracked.transaction_id == id(transaction):
+            self.end_transaction(tracked, tracked.transaction_outcome or "close")

@@ -1,0 +1,92 @@
+"""Cheap code locations: the application frame that opened a session, or a short stack of them.
+
+Frames of SQLAlchemy, the web stack, the standard library and this package are skipped, so what
+an on-call engineer reads is the application line. Frames are walked, not formatted: formatting
+happens only when a leak is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from types import FrameType
+
+Location = tuple[str, int, str]  # filename, line number, function
+
+_LIBRARY_PACKAGES = (
+    "sqlalchemy",
+    "session_monitor",
+    "starlette",
+    "fastapi",
+    "anyio",
+    "uvicorn",
+    "greenlet",
+    "opentelemetry",
+    "httpx",
+    "httpcore",
+    "pydantic",
+    "_pytest",
+    "pluggy",
+)
+
+_is_library: dict[str, bool] = {}
+_prefixes: tuple[str, ...] | None = None
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    prefixes = {sysconfig.get_paths()["stdlib"] + os.sep, os.path.dirname(__file__) + os.sep}
+    for name in _LIBRARY_PACKAGES:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            prefixes.add(os.path.dirname(path) + os.sep)
+    return tuple(prefixes)
+
+
+def _library_file(filename: str) -> bool:
+    global _prefixes
+    known = _is_library.get(filename)
+    if known is None:
+        if _prefixes is None:
+            _prefixes = _library_prefixes()
+        known = filename.startswith("<") or filename.startswith(_prefixes)
+        _is_library[filename] = known
+    return known
+
+
+def application_location(frame: FrameType | None) -> Location | None:
+    """Return the innermost application frame at or above `frame`."""
+    while frame is not None:
+        code = frame.f_code
+        if not _library_file(code.co_filename):
+            return (code.co_filename, frame.f_lineno, code.co_name)
+        frame = frame.f_back
+    return None
+
+
+def application_stack(frame: FrameType | None, depth: int) -> tuple[Location, ...]:
+    """Return up to `depth` application frames, innermost first."""
+    found: list[Location] = []
+    while frame is not None and len(found) < depth:
+        code = frame.f_code
+        if not _library_file(code.co_filename):
+            found.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    return tuple(found)
+
+
+def caller_frame() -> FrameType:
+    """The frame of the caller's caller: where a listener was triggered from."""
+    return sys._getframe(2)
+
+
+def format_location(location: Location | None) -> str:
+    if location is None:
+        return "<unknown>"
+    filename, line, function = location
+    return f"{filename}:{line} in {function}"
+
+
+def format_stack(stack: tuple[Location, ...]) -> str:
+    return "\n".join(f'  File "{f}", line {n}, in {fn}' for f, n, fn in stack)

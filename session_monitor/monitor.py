@@ -231,7 +231,7 @@ class SessionMonitor:
                 return
             state = self._pools.state_for(bind.engine)
             if state is not None:
-                self._sessions.open_orm(session, state.name, frame)
+                self._sessions.open_orm(session, state, frame)
         except Exception:
             self._guard.failed("session_open")
 

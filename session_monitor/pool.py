@@ -37,10 +37,11 @@ _CONNECT_STARTED = "session_monitor.connect_started"
 class PoolState:
     """One pool name's connections: engines with the same URL share it."""
 
-    __slots__ = ("capacities", "checked_out", "idle", "lock", "name")
+    __slots__ = ("capacities", "checked_out", "db_system", "idle", "lock", "name")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, db_system: str) -> None:
         self.name = name
+        self.db_system = db_system
         self.lock = threading.RLock()  # RLock: garbage-collection callbacks may re-enter
         self.checked_out: dict[int, TrackedCheckout] = {}
         self.idle: set[int] = set()
@@ -96,7 +97,7 @@ class PoolTracker:
             name = self._pool_name or pool_name_for(engine.url)
             state = self._states.get(name)
             if state is None:
-                state = self._states[name] = PoolState(name)
+                state = self._states[name] = PoolState(name, engine.dialect.name)
             self._listen(engine, state)
             self._engines[engine] = state
         capacity = _capacity(engine)
@@ -204,7 +205,7 @@ class PoolTracker:
         owner = None if orm_session is None else self._sessions.tracked(orm_session)
         if owner is None:
             # Checked out by the app through Core: the connection is the session.
-            owner = self._sessions.open("connection", state.name, sys._getframe(), request)
+            owner = self._sessions.open("connection", state, sys._getframe(), request)
         key = id(record)
         checkout = TrackedCheckout(state.name, key, owner, request)
         checkout.watch(proxy, self._collected)

@@ -25,6 +25,7 @@ class TrackedSession:
     __slots__ = (
         "checkouts",
         "closed",
+        "db_system",
         "kind",
         "leak_reason",
         "location",
@@ -46,6 +47,7 @@ class TrackedSession:
         self,
         kind: SessionKind,
         pool_name: str,
+        db_system: str,
         route: str,
         method: str,
         request: RequestScope | None,
@@ -54,6 +56,7 @@ class TrackedSession:
     ) -> None:
         self.kind: SessionKind = kind
         self.pool_name = pool_name
+        self.db_system = db_system  # the dialect name: postgresql, sqlite, mysql, ...
         self.route = route
         self.method = method
         self.request = request

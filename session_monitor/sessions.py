@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -26,6 +26,9 @@ from .naming import NO_REQUEST
 from .observer import Observer
 from .records import SessionKind, TrackedSession
 from .stacks import application_location, application_stack
+
+if TYPE_CHECKING:
+    from .pool import PoolState
 
 
 class SessionTracker:
@@ -67,7 +70,7 @@ class SessionTracker:
     def open(
         self,
         kind: SessionKind,
-        pool_name: str,
+        pool: PoolState,
         frame: FrameType | None,
         request: RequestScope | None = None,
     ) -> TrackedSession:
@@ -83,15 +86,17 @@ class SessionTracker:
             route = method = NO_REQUEST
         else:
             route, method = request.route, request.method
-        session = TrackedSession(kind, pool_name, route, method, request, location, stack)
+        session = TrackedSession(
+            kind, pool.name, pool.db_system, route, method, request, location, stack
+        )
         if request is not None:
             request.sessions.append(session)
         for observer in self._observers:
             observer.session_opened(session)
         return session
 
-    def open_orm(self, orm_session: Session, pool_name: str, frame: FrameType) -> None:
-        tracked = self.open("session", pool_name, frame)
+    def open_orm(self, orm_session: Session, pool: PoolState, frame: FrameType) -> None:
+        tracked = self.open("session", pool, frame)
         orm_session.info[self.key] = tracked
         self._live[id(tracked)] = weakref.ref(orm_session, self._collector_for(tracked))
 

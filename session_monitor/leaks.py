@@ -29,10 +29,10 @@ def describe(tracked: TrackedSession) -> str:
         if tracked.request is not None
         else "outside any request"
     )
-    what = "Session" if tracked.kind == "session" else "Core connection"
+    what = "session" if tracked.kind == "session" else "Core connection"
     return (
-        f"{what} on pool {tracked.pool_name!r} ({where}), opened {tracked.age:.3f}s ago "
-        f"at {format_location(tracked.location)}"
+        f"{where}: {what} on pool {tracked.pool_name!r} opened at "
+        f"{format_location(tracked.location)}, {tracked.age:.3f}s ago,"
     )
 
 

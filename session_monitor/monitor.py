@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -20,7 +21,7 @@ from .context import RequestScope
 from .leaks import AgeWatcher, LeakLog
 from .metrics import PrometheusMetrics
 from .middleware import SessionMonitorMiddleware
-from .observer import Observer
+from .observer import Fanout, Observer
 from .pool import PoolTracker
 from .sessions import SessionTracker
 
@@ -123,12 +124,13 @@ class SessionMonitor:
         self.metrics_app = self._build_metrics_app(registry)
 
         self._guard = Guard(self._count_internal_error)
+        self._emit = Fanout(self.observers, self._guard.failed)
         self._listeners = ListenerSet()
         leak_log = LeakLog(self.config.log_leaks)
-        self._sessions = SessionTracker(self.config, self.observers, self._guard, leak_log)
+        self._sessions = SessionTracker(self.config, self._emit, self._guard, leak_log)
         self._pools = PoolTracker(
             self._sessions,
-            self.observers,
+            self._emit,
             self._guard,
             self._listeners,
             leak_log,
@@ -202,14 +204,14 @@ class SessionMonitor:
         if self.registry is not None:
             for collector in self.metrics.collectors():
                 self.registry.unregister(collector)
-        for observer in self.observers:
-            observer.close()
+        self._emit.close()
 
     # -- what the hooks, listeners and middleware call (never raise) -------------------------
 
     def _count_internal_error(self, listener: str) -> None:
         for observer in self.observers:
-            observer.internal_error(listener)
+            with contextlib.suppress(Exception):
+                observer.internal_error(listener)
 
     def _wrap_acquire(self, engine: Engine, call: Any) -> Any:
         try:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -24,7 +24,7 @@ from ._listeners import Guard, ListenerSet
 from .context import current_request
 from .leaks import LeakLog
 from .naming import pool_name_for
-from .observer import Observer
+from .observer import Fanout
 from .records import TrackedCheckout
 from .sessions import SessionTracker
 from .stacks import format_stack
@@ -60,7 +60,7 @@ class PoolTracker:
     def __init__(
         self,
         sessions: SessionTracker,
-        observers: Sequence[Observer],
+        observers: Fanout,
         guard: Guard,
         listeners: ListenerSet,
         leak_log: LeakLog,
@@ -69,7 +69,7 @@ class PoolTracker:
         pool_name: str | None,
     ) -> None:
         self._sessions = sessions
-        self._observers = tuple(observers)
+        self._emit = observers
         self._guard = guard
         self._listeners = listeners
         self._leak_log = leak_log
@@ -105,8 +105,7 @@ class PoolTracker:
             with state.lock:
                 state.capacities[engine] = capacity
                 total = sum(state.capacities.values())
-                for observer in self._observers:
-                    observer.pool_capacity(name, total)
+                self._emit.pool_capacity(name, total)
         with state.lock:
             self._publish_usage(state)
         return state
@@ -158,18 +157,13 @@ class PoolTracker:
             self._pending(state, -1)
 
     def _pending(self, state: PoolState, delta: int) -> None:
-        try:
-            for observer in self._observers:
-                observer.pool_pending(state.name, delta)
-        except Exception:
-            self._guard.failed("pending")
+        self._emit.pool_pending(state.name, delta)
 
     def _timed_out(self, state: PoolState, waited: float) -> None:
         try:
             orm_session = acquiring_session.get()
             session = None if orm_session is None else self._sessions.tracked(orm_session)
-            for observer in self._observers:
-                observer.checkout_timed_out(state.name, waited, session)
+            self._emit.checkout_timed_out(state.name, waited, session)
         except Exception:
             self._guard.failed("timeout")
 
@@ -178,8 +172,7 @@ class PoolTracker:
     def _publish_usage(self, state: PoolState) -> None:
         # Called under state.lock, so concurrent updates reach the gauges in order.
         idle, used = len(state.idle), len(state.checked_out)
-        for observer in self._observers:
-            observer.pool_usage(state.name, idle, used)
+        self._emit.pool_usage(state.name, idle, used)
 
     def _do_connect_evt(
         self, state: PoolState, dialect: Any, record: Any, cargs: Any, cparams: Any
@@ -191,8 +184,7 @@ class PoolTracker:
         started = record.info.pop(_CONNECT_STARTED, None)
         if started is not None:
             seconds = time.perf_counter() - started
-            for observer in self._observers:
-                observer.connection_created(state.name, seconds)
+            self._emit.connection_created(state.name, seconds)
 
     def _checkout_evt(
         self, state: PoolState, dbapi_connection: Any, record: Any, proxy: Any
@@ -215,8 +207,7 @@ class PoolTracker:
             state.checked_out[key] = checkout
             state.idle.discard(key)
             self._publish_usage(state)
-        for observer in self._observers:
-            observer.connection_checked_out(checkout, wait)
+        self._emit.connection_checked_out(checkout, wait)
 
     def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
         key = id(record)
@@ -250,8 +241,7 @@ class PoolTracker:
         owner = checkout.owner
         if checkout in owner.checkouts:
             owner.checkouts.remove(checkout)
-        for observer in self._observers:
-            observer.connection_checked_in(checkout, held)
+        self._emit.connection_checked_in(checkout, held)
         if checkout.age_reported:
             self._leak_log.came_back(checkout, held)
         if owner.kind == "connection":
@@ -285,8 +275,7 @@ class PoolTracker:
 
     def _invalidated(self, state: PoolState, record: Any, *, soft: bool) -> None:
         checkout = state.checked_out.get(id(record))
-        for observer in self._observers:
-            observer.connection_invalidated(state.name, soft, checkout)
+        self._emit.connection_invalidated(state.name, soft, checkout)
 
     def report_age(self, checkout: TrackedCheckout, threshold: float) -> None:
         stack = checkout.owner.stack

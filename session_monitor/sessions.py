@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from .config import MonitorConfig
 from .context import RequestScope, current_request
 from .leaks import LeakLog
 from .naming import NO_REQUEST
-from .observer import Observer
+from .observer import Fanout
 from .records import SessionKind, TrackedSession
 from .stacks import application_location, application_stack
 
@@ -35,12 +35,12 @@ class SessionTracker:
     def __init__(
         self,
         config: MonitorConfig,
-        observers: Sequence[Observer],
+        observers: Fanout,
         guard: Guard,
         leak_log: LeakLog,
     ) -> None:
         self._config = config
-        self._observers = tuple(observers)
+        self._emit = observers
         self._guard = guard
         self._leak_log = leak_log
         # The key under which this monitor keeps its record in `Session.info`.
@@ -91,8 +91,7 @@ class SessionTracker:
         )
         if request is not None:
             request.sessions.append(session)
-        for observer in self._observers:
-            observer.session_opened(session)
+        self._emit.session_opened(session)
         return session
 
     def open_orm(self, orm_session: Session, pool: PoolState, frame: FrameType) -> None:
@@ -133,16 +132,14 @@ class SessionTracker:
         if collected:
             self.leaked(tracked, "gc")
         duration = time.perf_counter() - tracked.opened_at
-        for observer in self._observers:
-            observer.session_closed(tracked, duration)
+        self._emit.session_closed(tracked, duration)
 
     def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
         with self._lock:
             if tracked.leak_reason is not None:
                 return
             tracked.leak_reason = reason
-        for observer in self._observers:
-            observer.session_leaked(tracked, reason)
+        self._emit.session_leaked(tracked, reason)
         self._leak_log.leaked(tracked, reason, detail)
 
     def request_finished(self, request: RequestScope) -> None:
@@ -172,8 +169,7 @@ class SessionTracker:
         tracked.transaction_id = None
         tracked.transaction_outcome = None
         duration = time.perf_counter() - tracked.transaction_started_at
-        for observer in self._observers:
-            observer.transaction_ended(tracked, outcome, duration)
+        self._emit.transaction_ended(tracked, outcome, duration)
 
     def orm_transaction_began(self, orm_session: Session, transaction: SessionTransaction) -> None:
         tracked = self.tracked(orm_session)

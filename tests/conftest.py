@@ -1,0 +1,87 @@
+"""Shared fixtures: real engines only, a fresh registry per test, monitors always removed."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import QueuePool
+
+from session_monitor import SessionMonitor
+
+POSTGRES_ENV = "SESSION_MONITOR_TEST_POSTGRES_URL"
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'app.db'}"
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(
+            f"{POSTGRES_ENV} is not set: no PostgreSQL server configured "
+            "(for example postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+        )
+    return url
+
+
+@pytest.fixture
+def make_engine() -> Iterator[Callable[..., Engine]]:
+    engines: list[Engine] = []
+
+    def make(url: str, **kw: Any) -> Engine:
+        if url.startswith("sqlite"):
+            kw.setdefault("poolclass", QueuePool)
+            kw.setdefault("connect_args", {"check_same_thread": False})
+        engine = create_engine(url, **kw)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def make_monitor() -> Iterator[Callable[..., SessionMonitor]]:
+    monitors: list[SessionMonitor] = []
+
+    def make(*engines: Any, **kw: Any) -> SessionMonitor:
+        monitor = SessionMonitor(*engines, **kw)
+        monitors.append(monitor)
+        return monitor
+
+    yield make
+    for monitor in monitors:
+        monitor.uninstrument()
+    gc.collect()
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A sample's value, 0.0 when the series does not exist (yet)."""
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """Sum of every sample of `name` whose labels include `labels`."""
+    found = 0.0
+    for metric in registry.collect():
+        for s in metric.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                found += s.value
+    return found

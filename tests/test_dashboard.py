@@ -1,0 +1,284 @@
+"""The Grafana dashboard: structure, variables, and PromQL that sticks to the metrics contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from _promtool import run_promtool
+from dashboard_queries import iter_panels, panel_queries, substitute
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"
+
+POOL_METRICS = {
+    "db_client_connection_count",
+    "db_client_connection_max",
+    "db_client_connection_pending_requests",
+    "db_client_connection_timeouts_total",
+    "db_client_connection_wait_time_seconds",
+    "db_client_connection_use_time_seconds",
+    "db_client_connection_create_time_seconds",
+    "sqlalchemy_pool_invalidations_total",
+}
+SESSION_METRICS = {
+    "sqlalchemy_sessions_opened_total",
+    "sqlalchemy_sessions_closed_total",
+    "sqlalchemy_sessions_active",
+    "sqlalchemy_session_duration_seconds",
+    "sqlalchemy_sessions_leaked_total",
+    "sqlalchemy_transactions_total",
+    "sqlalchemy_transaction_duration_seconds",
+}
+OTHER_METRICS = {"session_monitor_internal_errors_total"}
+HISTOGRAMS = {
+    "db_client_connection_wait_time_seconds",
+    "db_client_connection_use_time_seconds",
+    "db_client_connection_create_time_seconds",
+    "sqlalchemy_session_duration_seconds",
+    "sqlalchemy_transaction_duration_seconds",
+}
+CONTRACT = POOL_METRICS | SESSION_METRICS | OTHER_METRICS
+
+INSTANCE_FILTERS = ('job=~"$job"', 'instance=~"$instance"')
+REQUIRED_FILTERS = {
+    **{m: (*INSTANCE_FILTERS, 'pool_name=~"$pool_name"') for m in POOL_METRICS},
+    **{m: (*INSTANCE_FILTERS, 'route=~"$route"') for m in SESSION_METRICS},
+    **{m: INSTANCE_FILTERS for m in OTHER_METRICS},
+}
+
+ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions")
+UNITS = {"s", "percentunit", "ops", "reqps", "short"}
+TRACEQL = "{ span.session_monitor.leaked = true }"
+ALL_VARIABLES = {
+    "job": ".*",
+    "instance": ".*",
+    "pool_name": ".*",
+    "route": ".*",
+    "__rate_interval": "1m",
+    "__range": "1h",
+    "__interval": "15s",
+}
+
+_IDENTIFIER = r"[A-Za-z_:][\w:]*"
+
+
+def load_dashboard() -> dict[str, Any]:
+    with DASHBOARD_PATH.open(encoding="utf-8") as f:
+        dashboard: dict[str, Any] = json.load(f)
+    return dashboard
+
+
+DASHBOARD = load_dashboard()
+
+
+def visualisations() -> list[dict[str, Any]]:
+    return [p for p in iter_panels(DASHBOARD) if p.get("type") != "row"]
+
+
+def all_exprs() -> list[tuple[str, str]]:
+    return [
+        (panel["title"], target.get("expr", ""))
+        for panel in visualisations()
+        for target in panel.get("targets", [])
+    ]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Names of the series an expression selects: identifiers that are not functions,
+    keywords, label names, durations or strings."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", "", e)
+    e = re.sub(r"\[[^\]]*\]", "", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    e = re.sub(r"\boffset\s+[\w$]+", "", e)
+    found = re.findall(rf"(?<![\w:$])({_IDENTIFIER})(?![\w:])(?!\s*\()", e)
+    return {name for name in found if name not in {"and", "or", "unless", "bool"}}
+
+
+def contract_base(name: str) -> str | None:
+    if name in CONTRACT:
+        return name
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name.removesuffix(suffix) in HISTOGRAMS:
+            return name.removesuffix(suffix)
+    return None
+
+
+def selectors(expr: str, name: str) -> list[str]:
+    """The label matchers ('' when there are none) of every selector of `name` in expr."""
+    return [
+        m.group(1) or ""
+        for m in re.finditer(rf"(?<![\w:]){re.escape(name)}(?![\w:])\s*(\{{[^}}]*\}})?", expr)
+    ]
+
+
+def rows_and_children() -> dict[str, list[dict[str, Any]]]:
+    """Row title -> its panels, for expanded rows (panels follow) and collapsed ones (nested)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] | None = None
+    for panel in DASHBOARD["panels"]:
+        if panel.get("type") == "row":
+            current = rows.setdefault(panel["title"], [])
+            current.extend(panel.get("panels", []))
+        elif current is not None:
+            current.append(panel)
+    return rows
+
+
+def test_identity() -> None:
+    assert DASHBOARD["uid"] == "session-monitor"
+    assert DASHBOARD["title"] == "SQLAlchemy sessions & pool"
+    assert 36 <= DASHBOARD["schemaVersion"] <= 41
+
+
+def test_template_variables() -> None:
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    datasource = variables["datasource"]
+    assert datasource["type"] == "datasource"
+    assert datasource["query"] == "prometheus"
+    for name in ("job", "instance", "pool_name", "route"):
+        variable = variables[name]
+        assert variable["type"] == "query", name
+        assert variable["datasource"]["uid"] == "${datasource}", name
+        assert variable["multi"] is True, name
+        assert variable["includeAll"] is True, name
+        assert variable["allValue"] == ".*", name
+        query = (
+            variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        )
+        match = re.fullmatch(rf"label_values\(({_IDENTIFIER})(\{{[^}}]*\}})?,\s*{name}\)", query)
+        assert match, f"{name}: {query!r} is not label_values(<metric>, {name})"
+        assert match.group(1) in CONTRACT, f"{name}: {match.group(1)} is not in the contract"
+
+
+def test_rows_exist() -> None:
+    rows = rows_and_children()
+    for title in ROWS:
+        assert rows.get(title), f"row {title!r} is missing or empty"
+
+
+def test_every_panel_is_described_and_queried() -> None:
+    panels = visualisations()
+    assert len(panels) >= 20
+    for panel in panels:
+        title = panel.get("title")
+        assert title, panel
+        assert len(panel.get("description", "")) >= 60, f"{title}: description too short"
+        targets = panel.get("targets", [])
+        assert targets, f"{title}: no target"
+        ref_ids = [t.get("refId") for t in targets]
+        assert all(ref_ids), f"{title}: a target has no refId"
+        assert len(set(ref_ids)) == len(ref_ids), f"{title}: duplicate refIds {ref_ids}"
+        for target in targets:
+            assert target.get("expr"), f"{title}: target {target.get('refId')} has no expr"
+            assert target["datasource"]["uid"] == "${datasource}", title
+        assert panel["datasource"]["uid"] == "${datasource}", title
+
+
+def test_units_and_thresholds() -> None:
+    for panel in visualisations():
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults.get("unit") in UNITS, f"{panel['title']}: unit {defaults.get('unit')}"
+        steps = defaults.get("thresholds", {}).get("steps", [])
+        assert steps, f"{panel['title']}: no thresholds"
+        assert steps[0]["value"] is None, f"{panel['title']}: thresholds lack a base step"
+
+
+def test_panels_do_not_overlap() -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for panel in DASHBOARD["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = panel["title"]
+
+
+@pytest.mark.parametrize(("title", "expr"), all_exprs())
+def test_expr_uses_only_contract_metrics(title: str, expr: str) -> None:
+    names = metric_names(expr)
+    assert names, f"{title}: no metric found in {expr!r}"
+    unknown = sorted(n for n in names if contract_base(n) is None)
+    assert not unknown, f"{title}: not in the metrics contract: {unknown}"
+
+
+@pytest.mark.parametrize(("title", "expr"), all_exprs())
+def test_expr_filters_by_variables(title: str, expr: str) -> None:
+    for name in metric_names(expr):
+        base = contract_base(name)
+        assert base is not None
+        for matchers in selectors(expr, name):
+            missing = [f for f in REQUIRED_FILTERS[base] if f not in matchers]
+            assert not missing, f"{title}: {name}{matchers} lacks {missing}"
+
+
+def test_leak_panels_link_to_tempo() -> None:
+    leak_panels = rows_and_children()["Leaks"]
+    assert len(leak_panels) >= 3
+    for panel in leak_panels:
+        links = panel.get("links", []) + panel["fieldConfig"]["defaults"].get("links", [])
+        urls = [unquote(link["url"]) for link in links]
+        assert any(
+            url.startswith("/explore") and '"uid":"tempo"' in url and json.dumps(TRACEQL) in url
+            for url in urls
+        ), f"{panel['title']}: no Explore link to Tempo with {TRACEQL}"
+
+
+def test_panel_queries_covers_every_target() -> None:
+    queries = panel_queries(DASHBOARD, ALL_VARIABLES)
+    assert len(queries) == len(all_exprs())
+    for title, expr in queries:
+        assert "$" not in expr, f"{title}: unsubstituted variable in {expr!r}"
+    assert any("[1m]" in expr for _, expr in queries)
+    assert any("offset 1h" in expr for _, expr in queries)
+
+
+def test_panel_queries_reaches_into_collapsed_rows() -> None:
+    target = {"refId": "A", "expr": 'rate(x{job=~"$job"}[$__rate_interval])'}
+    dashboard = {
+        "panels": [
+            {"type": "row", "title": "Open", "collapsed": False, "panels": []},
+            {"type": "timeseries", "title": "top", "targets": [target]},
+            {
+                "type": "row",
+                "title": "Closed",
+                "collapsed": True,
+                "panels": [{"type": "stat", "title": "nested", "targets": [target]}],
+            },
+        ]
+    }
+    assert panel_queries(dashboard, {"job": "a|b", "__rate_interval": "2m"}) == [
+        ("top", 'rate(x{job=~"a|b"}[2m])'),
+        ("nested", 'rate(x{job=~"a|b"}[2m])'),
+    ]
+
+
+def test_substitute_handles_braces_and_refuses_unknown_variables() -> None:
+    assert substitute("x[${__range}] offset $__range", {"__range": "5m"}) == "x[5m] offset 5m"
+    assert substitute('{a=~"${job:regex}"}', {"$job": "j"}) == '{a=~"j"}'
+    with pytest.raises(KeyError, match="__interval"):
+        substitute("x[$__interval]", {"__range": "5m"})
+
+
+def test_panel_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses every query, written out as recording rules."""
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr}
+                    for i, (_, expr) in enumerate(panel_queries(DASHBOARD, ALL_VARIABLES))
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard.rules.json"
+    path.write_text(json.dumps(rules), encoding="utf-8")  # JSON is YAML
+    run_promtool("check", "rules", path)

@@ -112,7 +112,7 @@ class SessionMonitor:
         if opentelemetry or (
             opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
         ):
-            from .tracing import OpenTelemetryObserver  # type: ignore[import-not-found]
+            from .tracing import OpenTelemetryObserver
 
             all_observers.append(
                 OpenTelemetryObserver(

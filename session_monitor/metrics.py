@@ -240,6 +240,20 @@ class PrometheusMetrics:
     def close(self) -> None:
         pass
 
+    def register(self, registry: CollectorRegistry | None) -> None:
+        """Register every metric, or none: a name taken already leaves the registry as it was."""
+        if registry is None:
+            return
+        done: list[Counter | Gauge | Histogram] = []
+        try:
+            for collector in self.collectors():
+                registry.register(collector)
+                done.append(collector)
+        except ValueError:
+            for collector in done:
+                registry.unregister(collector)
+            raise
+
     def collectors(self) -> list[Counter | Gauge | Histogram]:
         return [
             value for value in vars(self).values() if isinstance(value, (Counter, Gauge, Histogram))

@@ -100,25 +100,34 @@ class SessionMonitor:
                 f"metrics without registering them; got {type(registry).__name__}"
             )
         self.registry = registry
+        # Everything that can fail comes before registering metrics, which is the one step that
+        # leaves a trace outside this object.
+        otel_observers: list[Observer] = []
+        if opentelemetry or (
+            opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
+        ):
+            try:
+                from .tracing import OpenTelemetryObserver
+            except ImportError as error:
+                raise ConfigurationError(
+                    f"OpenTelemetry support needs the 'otel' extra ({error}): "
+                    "pip install 'session-monitor[otel]'"
+                ) from None
+            otel_observers.append(
+                OpenTelemetryObserver(
+                    tracer_provider=tracer_provider, meter_provider=meter_provider
+                )
+            )
+        self.metrics = PrometheusMetrics(registry=None)
         try:
-            self.metrics = PrometheusMetrics(registry)
+            self.metrics.register(registry)
         except ValueError as error:
             raise ConfigurationError(
                 f"{error}. Another SessionMonitor already registered its metrics in this "
                 "registry: build one monitor per process (it can watch several engines), call "
                 "uninstrument() on the old one first, or pass registry=CollectorRegistry()."
             ) from None
-        all_observers: list[Observer] = [self.metrics]
-        if opentelemetry or (
-            opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
-        ):
-            from .tracing import OpenTelemetryObserver
-
-            all_observers.append(
-                OpenTelemetryObserver(
-                    tracer_provider=tracer_provider, meter_provider=meter_provider
-                )
-            )
+        all_observers: list[Observer] = [self.metrics, *otel_observers]
         all_observers.extend(observers)
         self.observers: tuple[Observer, ...] = tuple(all_observers)
         self.metrics_app = self._build_metrics_app(registry)

@@ -135,6 +135,10 @@ async def test_uninstrument_removes_exactly_what_was_added(
     make_engine: Callable[..., Engine], sqlite_url: str, registry: CollectorRegistry
 ) -> None:
     engine = make_engine(sqlite_url)
+    from session_monitor import _hooks
+
+    # Another monitor may be alive in this process (importing example_app.app builds one):
+    # "restored" means as they were before this test.
     originals = (
         Engine.__dict__["raw_connection"],
         SessionTransaction.__dict__["_connection_for_bind"],
@@ -154,12 +158,13 @@ async def test_uninstrument_removes_exactly_what_was_added(
             return session.execute(text("SELECT 1")).scalar_one()
 
     monitor.instrument_app(app)
-    assert Engine.__dict__["raw_connection"] is not originals[0]
+    assert monitor in _hooks._monitors
     async with client(app) as http:
         assert (await http.get("/q")).status_code == 200
     assert sample(registry, "sqlalchemy_sessions_opened_total", route="/q", method="GET") == 1
 
     monitor.uninstrument()
+    assert monitor not in _hooks._monitors
     assert (
         Engine.__dict__["raw_connection"],
         SessionTransaction.__dict__["_connection_for_bind"],
@@ -356,3 +361,16 @@ async def test_async_engine_and_async_session(
     assert total(registry, "db_client_connection_count", state="used") == 0
     await engine.dispose()
     gc.collect()
+
+
+def test_a_refused_monitor_leaves_the_registry_as_it_was(
+    make_engine: Callable[..., Engine], sqlite_url: str, registry: CollectorRegistry
+) -> None:
+    from prometheus_client import Counter
+
+    # Someone else owns one of our names: construction fails, and registers none of the others.
+    Counter("sqlalchemy_transactions", "taken", registry=registry)
+    before = {m.name for m in registry.collect()}
+    with pytest.raises(ConfigurationError, match="one monitor per process"):
+        SessionMonitor(make_engine(sqlite_url), registry=registry)
+    assert {m.name for m in registry.collect()} == before

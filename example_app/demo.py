@@ -13,6 +13,7 @@ services, so that session_monitor's metrics can be watched reacting to it:
 | `GET /demo/rollback`        | a write violates a constraint and rolls back     | 409      |
 | `GET /demo/hold?seconds=`   | holds a connection; a burst exhausts the pool    | 200/503  |
 | `GET /demo/core`            | correct Core `engine.connect()` usage            | 200      |
+| `GET /demo/invalidate`      | a connection found broken is invalidated         | 200      |
 
 They are all GET so that a browser or `curl` can trigger them.
 """
@@ -143,6 +144,19 @@ def hold(
     db.execute(select(1))
     time.sleep(seconds)
     return {"held_seconds": seconds}
+
+
+@router.get("/invalidate")
+def invalidate(db: Annotated[Session, Depends(get_db)]) -> dict[str, bool]:
+    """Invalidate the session's connection, as SQLAlchemy does when the server drops it.
+
+    The pool discards the DBAPI connection and opens a new one at the next checkout.
+    """
+    db.execute(select(1))
+    db.connection().invalidate()
+    # What an app does after a disconnect error: roll back, so the session can be used again.
+    db.rollback()
+    return {"invalidated": True}
 
 
 @router.get("/core")

@@ -238,6 +238,7 @@ class _Run:
                 self.gc_leak: 2,
                 self.leak: 2,
                 self.hold_burst: 1,
+                self.invalidate: 1,
             }
         self.actions = list(actions)
         self.weights = list(actions.values())
@@ -324,6 +325,9 @@ class _Run:
 
     async def leak_on_error(self) -> None:
         await self.single(_Request("GET /demo/leak-on-error", "GET", "/demo/leak-on-error"))
+
+    async def invalidate(self) -> None:
+        await self.single(_Request("GET /demo/invalidate", "GET", "/demo/invalidate"))
 
     async def gc_leak(self) -> None:
         await self.single(_Request("GET /demo/gc-leak", "GET", "/demo/gc-leak"))

@@ -156,6 +156,9 @@ class PrometheusMetrics:
     def _pool(self, name: str) -> _PoolChildren:
         children = self._pools.get(name)
         if children is None:
+            # A series that exists at 0 from the start lets rate() and alerts see its first rise.
+            self.invalidations.labels(name, "false")
+            self.invalidations.labels(name, "true")
             children = self._pools[name] = _PoolChildren(
                 self.connection_count.labels(name, "idle"),
                 self.connection_count.labels(name, "used"),

@@ -291,6 +291,9 @@ class PoolTracker:
     # -- Core transactions: sessions' own transactions are tracked by session events ----------
 
     def _core_session(self, connection: Connection) -> Any:
+        if connection.invalidated or connection.closed:
+            # Connection.info would try to reconnect (and raise) to reach the pool entry.
+            return None
         checkout: TrackedCheckout | None = connection.info.get(self.key)
         if checkout is None or checkout.owner.kind != "connection":
             return None

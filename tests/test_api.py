@@ -374,3 +374,28 @@ def test_a_refused_monitor_leaves_the_registry_as_it_was(
     with pytest.raises(ConfigurationError, match="one monitor per process"):
         SessionMonitor(make_engine(sqlite_url), registry=registry)
     assert {m.name for m in registry.collect()} == before
+
+
+def test_invalidated_connections_are_counted_without_internal_errors(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    engine = make_engine(sqlite_url)
+    make_monitor(engine, registry=registry)
+    with Session(engine) as session:
+        session.execute(text("SELECT 1"))
+        session.connection().invalidate()
+        session.rollback()
+        session.execute(text("SELECT 1"))  # reconnects
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+        connection.invalidate()
+        connection.rollback()
+    pool = {"pool_name": "app.db"}
+    assert sample(registry, "sqlalchemy_pool_invalidations_total", soft="false", **pool) == 2
+    assert sample(registry, "sqlalchemy_pool_invalidations_total", soft="true", **pool) == 0
+    assert total(registry, "session_monitor_internal_errors_total") == 0
+    assert total(registry, "sqlalchemy_sessions_active") == 0
+    assert total(registry, "db_client_connection_count", state="used") == 0

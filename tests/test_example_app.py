@@ -207,6 +207,20 @@ async def test_slow_and_core_close_their_connections(
     assert pool_sample(registry, "db_client_connection_count", state="used") == 0
 
 
+async def test_invalidate_is_counted_and_the_pool_reconnects(
+    client: httpx.AsyncClient, registry: CollectorRegistry
+) -> None:
+    assert (await client.get("/demo/invalidate")).status_code == 200
+    assert (await client.get("/demo/core")).status_code == 200
+
+    invalidations = "sqlalchemy_pool_invalidations_total"
+    assert pool_sample(registry, invalidations, soft="false") == 1
+    assert pool_sample(registry, invalidations, soft="true") == 0
+    # The connection was discarded: the next checkout opened a new one.
+    assert pool_sample(registry, "db_client_connection_create_time_seconds_count") == 2
+    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+
+
 async def test_hold_burst_exhausts_the_pool_into_503(
     tmp_path: Path, registry: CollectorRegistry
 ) -> None:

@@ -41,7 +41,23 @@ def _library_prefixes() -> tuple[str, ...]:
         path = getattr(module, "__file__", None)
         if path:
             prefixes.add(os.path.dirname(path) + os.sep)
+        else:
+            # A namespace package (opentelemetry) has no __file__, only its __path__ entries.
+            prefixes.update(entry + os.sep for entry in getattr(module, "__path__", ()))
     return tuple(prefixes)
+
+
+def _outer_frame() -> FrameType | None:
+    """Where a frame chain that ended inside a greenlet continues: the frame that switched in.
+
+    SQLAlchemy's asyncio extension runs Session code in a greenlet whose frames do not link to
+    the application's awaiting frames; those are the parent greenlet's suspended frames.
+    """
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return None
+    parent = greenlet.getcurrent().parent
+    return None if parent is None else parent.gr_frame
 
 
 def _library_file(filename: str) -> bool:
@@ -57,22 +73,28 @@ def _library_file(filename: str) -> bool:
 
 def application_location(frame: FrameType | None) -> Location | None:
     """Return the innermost application frame at or above `frame`."""
+    crossed = False
     while frame is not None:
         code = frame.f_code
         if not _library_file(code.co_filename):
             return (code.co_filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
+        if frame is None and not crossed:
+            crossed, frame = True, _outer_frame()
     return None
 
 
 def application_stack(frame: FrameType | None, depth: int) -> tuple[Location, ...]:
     """Return up to `depth` application frames, innermost first."""
     found: list[Location] = []
+    crossed = False
     while frame is not None and len(found) < depth:
         code = frame.f_code
         if not _library_file(code.co_filename):
             found.append((code.co_filename, frame.f_lineno, code.co_name))
         frame = frame.f_back
+        if frame is None and not crossed:
+            crossed, frame = True, _outer_frame()
     return tuple(found)
 
 

@@ -194,6 +194,7 @@ class OpenTelemetryObserver:
         self._session_attributes: dict[tuple[str, str], Attributes] = {}
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
+        self._state_attributes: dict[str, tuple[Attributes, Attributes]] = {}
         # Last published sizes per pool: the conventions make these UpDownCounters, so a size
         # is published as its change. pool_usage and pool_capacity are called under the pool's
         # lock, so the changes of one pool arrive in order.
@@ -383,14 +384,17 @@ class OpenTelemetryObserver:
     def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None:
         self.wait_time.record(wait, self._pool(checkout.pool_name))
         state: _SessionSpan | None = checkout.owner.span
-        if state is None:
-            return
-        state.checked_out(wait)
+        if state is not None:
+            state.checked_out(wait)
         fairy = checkout.fairy_ref() if checkout.fairy_ref is not None else None
-        if fairy is not None:
-            # The pool entry's info is the Connection's info: the statement listeners find the
-            # session here. Weak, so a returned checkout is not kept alive by its connection.
+        if fairy is None:
+            return
+        # The pool entry's info is the Connection's info: the statement listeners find the
+        # session here. Weak, so a returned checkout is not kept alive by its connection.
+        if state is not None:
             fairy.info[self._info_key] = weakref.ref(checkout)
+        else:
+            fairy.info.pop(self._info_key, None)
 
     def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None:
         self.use_time.record(use, self._pool(checkout.pool_name))
@@ -427,11 +431,17 @@ class OpenTelemetryObserver:
     def pool_usage(self, pool_name: str, idle: int, used: int) -> None:
         last_idle, last_used = self._usage.get(pool_name, (0, 0))
         self._usage[pool_name] = (idle, used)
-        pool = self._pool(pool_name)
+        states = self._state_attributes.get(pool_name)
+        if states is None:
+            pool = self._pool(pool_name)
+            states = self._state_attributes[pool_name] = (
+                {**pool, CONNECTION_STATE: "idle"},
+                {**pool, CONNECTION_STATE: "used"},
+            )
         if idle != last_idle:
-            self.connection_count.add(idle - last_idle, {**pool, CONNECTION_STATE: "idle"})
+            self.connection_count.add(idle - last_idle, states[0])
         if used != last_used:
-            self.connection_count.add(used - last_used, {**pool, CONNECTION_STATE: "used"})
+            self.connection_count.add(used - last_used, states[1])
 
     def pool_pending(self, pool_name: str, delta: int) -> None:
         self.pending_requests.add(delta, self._pool(pool_name))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 acquiring_session: ContextVar[Session | None] = ContextVar(
     "session_monitor_acquiring", default=None
 )
+
+_CONNECTION_INIT = Connection.__init__.__code__
 
 _monitors: tuple[SessionMonitor, ...] = ()
 _lock = threading.Lock()
@@ -81,9 +83,12 @@ def _original(cls: type, name: str) -> Any:
 
 def _raw_connection(self: Engine) -> Any:
     original = _original(Engine, "raw_connection")
+    # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
+    # connection, which is no session.
+    for_connection = sys._getframe(1).f_code is _CONNECTION_INIT
     call: Callable[[], Any] = lambda: original(self)  # noqa: E731
     for monitor in _monitors:
-        call = monitor._wrap_acquire(self, call)
+        call = monitor._wrap_acquire(self, call, for_connection)
     return call()
 
 

@@ -51,7 +51,7 @@ class LeakLog:
         logger.warning(message)
 
     def came_back(self, checkout: TrackedCheckout, held: float) -> None:
-        if self.enabled:
+        if self.enabled and checkout.owner is not None:
             logger.warning(
                 "Connection of pool %r reported as held too long came back after %.3fs: %s",
                 checkout.pool_name,
@@ -98,7 +98,7 @@ class AgeWatcher:
 
     def scan(self) -> None:
         for checkout in self._checkouts():
-            if not checkout.age_reported and not checkout.returned:
+            if checkout.owner is not None and not checkout.age_reported and not checkout.returned:
                 held = checkout.held_for
                 if held > self.threshold:
                     checkout.age_reported = True

@@ -222,7 +222,7 @@ class SessionMonitor:
             with contextlib.suppress(Exception):
                 observer.internal_error(listener)
 
-    def _wrap_acquire(self, engine: Engine, call: Any) -> Any:
+    def _wrap_acquire(self, engine: Engine, call: Any, for_connection: bool) -> Any:
         try:
             state = self._pools.state_for(engine)
         except Exception:
@@ -231,7 +231,7 @@ class SessionMonitor:
         if state is None:
             return call
         pools = self._pools
-        return lambda: pools.acquire(state, call)
+        return lambda: pools.acquire(state, call, for_connection)
 
     def _session_acquiring(
         self, session: Session, bind: Engine | Connection, frame: FrameType

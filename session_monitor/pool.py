@@ -29,15 +29,18 @@ from .records import TrackedCheckout
 from .sessions import SessionTracker
 from .stacks import format_stack
 
-# When the innermost raw_connection() of this context started waiting.
-_wait_started: ContextVar[float | None] = ContextVar("session_monitor_wait", default=None)
+# The innermost raw_connection() of this context: when it started waiting, and whether it is
+# for a Connection (a Core or ORM session) rather than a raw DBAPI connection.
+_acquisition: ContextVar[tuple[float, bool] | None] = ContextVar(
+    "session_monitor_acquisition", default=None
+)
 _CONNECT_STARTED = "session_monitor.connect_started"
 
 
 class PoolState:
     """One pool name's connections: engines with the same URL share it."""
 
-    __slots__ = ("capacities", "checked_out", "db_system", "idle", "lock", "name")
+    __slots__ = ("capacities", "capacity", "checked_out", "db_system", "idle", "lock", "name")
 
     def __init__(self, name: str, db_system: str) -> None:
         self.name = name
@@ -46,6 +49,13 @@ class PoolState:
         self.checked_out: dict[int, TrackedCheckout] = {}
         self.idle: set[int] = set()
         self.capacities: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+        self.capacity: int | None = None  # None: unbounded, so nobody ever waits
+
+    def exhausted(self) -> bool:
+        # Read without the lock: a caller racing the last free connection may go uncounted
+        # as pending for the moment it waits; under exhaustion, every caller is counted.
+        capacity = self.capacity
+        return capacity is not None and not self.idle and len(self.checked_out) >= capacity
 
 
 def _capacity(engine: Engine) -> int | None:
@@ -104,18 +114,25 @@ class PoolTracker:
         if capacity is not None:
             with state.lock:
                 state.capacities[engine] = capacity
-                total = sum(state.capacities.values())
+                total = state.capacity = sum(state.capacities.values())
                 self._emit.pool_capacity(name, total)
         with state.lock:
             self._publish_usage(state)
         return state
 
     def _listen(self, engine: Engine, state: PoolState) -> None:
-        def bind(name: str, fn: Callable[..., None]) -> Callable[..., None]:
-            def listener(*args: Any) -> None:
-                fn(state, *args)
+        failed = self._guard.failed
 
-            return self._guard.wrap(name, listener)
+        def bind(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+            # One frame per event: these run on every checkout.
+            def listener(*args: Any) -> None:
+                try:
+                    fn(state, *args)
+                except Exception:
+                    failed(name)
+
+            listener.__name__ = f"session_monitor_{name}"
+            return listener
 
         listen = self._listeners.listen
         listen(engine, "do_connect", bind("do_connect", self._do_connect_evt))
@@ -143,21 +160,21 @@ class PoolTracker:
 
     # -- waiting (called from the raw_connection hook) ---------------------------------------
 
-    def acquire(self, state: PoolState, call: Callable[[], Any]) -> Any:
-        self._pending(state, +1)
+    def acquire(self, state: PoolState, call: Callable[[], Any], for_connection: bool) -> Any:
+        pending = state.exhausted()
+        if pending:
+            self._emit.pool_pending(state.name, +1)
         started = time.perf_counter()
-        token = _wait_started.set(started)
+        token = _acquisition.set((started, for_connection))
         try:
             return call()
         except exc.TimeoutError:
             self._timed_out(state, time.perf_counter() - started)
             raise
         finally:
-            _wait_started.reset(token)
-            self._pending(state, -1)
-
-    def _pending(self, state: PoolState, delta: int) -> None:
-        self._emit.pool_pending(state.name, delta)
+            _acquisition.reset(token)
+            if pending:
+                self._emit.pool_pending(state.name, -1)
 
     def _timed_out(self, state: PoolState, waited: float) -> None:
         try:
@@ -190,18 +207,22 @@ class PoolTracker:
         self, state: PoolState, dbapi_connection: Any, record: Any, proxy: Any
     ) -> None:
         now = time.perf_counter()
-        started = _wait_started.get()
-        wait = now - started if started is not None else 0.0
+        acquisition = _acquisition.get()
+        if acquisition is None:  # Pool.connect() called directly
+            wait, for_connection = 0.0, False
+        else:
+            wait, for_connection = now - acquisition[0], acquisition[1]
         request = current_request.get()
         orm_session = acquiring_session.get()
         owner = None if orm_session is None else self._sessions.tracked(orm_session)
-        if owner is None:
+        if owner is None and for_connection:
             # Checked out by the app through Core: the connection is the session.
             owner = self._sessions.open("connection", state, sys._getframe(), request)
         key = id(record)
         checkout = TrackedCheckout(state.name, key, owner, request)
-        checkout.watch(proxy, self._collected)
-        owner.checkouts.append(checkout)
+        checkout.fairy_ref = weakref.ref(proxy)
+        if owner is not None:
+            owner.checkouts.append(checkout)
         record.info[self.key] = checkout
         with state.lock:
             state.checked_out[key] = checkout
@@ -220,28 +241,17 @@ class PoolTracker:
         if checkout is not None:
             self._returned(checkout)
 
-    def _collected(self, checkout: TrackedCheckout) -> None:
-        # The proxy was dropped without being closed. A sync pool checks the connection in by
-        # itself (that checkin may come before or after this); an async pool detaches it.
-        try:
-            state = self._states[checkout.pool_name]
-            with state.lock:
-                if state.checked_out.get(checkout.record_key) is checkout:
-                    del state.checked_out[checkout.record_key]
-                    self._publish_usage(state)
-            self._returned(checkout)
-        except Exception:
-            self._guard.failed("connection_collected")
-
     def _returned(self, checkout: TrackedCheckout) -> None:
         if checkout.returned:
             return
         checkout.returned = True
         held = checkout.held_for
         owner = checkout.owner
+        self._emit.connection_checked_in(checkout, held)
+        if owner is None:
+            return
         if checkout in owner.checkouts:
             owner.checkouts.remove(checkout)
-        self._emit.connection_checked_in(checkout, held)
         if checkout.age_reported:
             self._leak_log.came_back(checkout, held)
         if owner.kind == "connection":
@@ -278,6 +288,8 @@ class PoolTracker:
         self._emit.connection_invalidated(state.name, soft, checkout)
 
     def report_age(self, checkout: TrackedCheckout, threshold: float) -> None:
+        if checkout.owner is None:
+            return
         stack = checkout.owner.stack
         detail = (
             f"Held for {checkout.held_for:.3f}s (threshold {threshold:g}s). Opened at:\n"
@@ -295,7 +307,7 @@ class PoolTracker:
             # Connection.info would try to reconnect (and raise) to reach the pool entry.
             return None
         checkout: TrackedCheckout | None = connection.info.get(self.key)
-        if checkout is None or checkout.owner.kind != "connection":
+        if checkout is None or checkout.owner is None or checkout.owner.kind != "connection":
             return None
         return checkout.owner
 
@@ -323,7 +335,7 @@ class PoolTracker:
         if checkout is None:
             return
         owner = checkout.owner
-        if owner.kind != "connection" or owner.transaction_id is None:
+        if owner is None or owner.kind != "connection" or owner.transaction_id is None:
             return
         closed_by_close = bool(getattr(reset_state, "transaction_was_reset", False))
         outcome = owner.transaction_outcome

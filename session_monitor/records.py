@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from .stacks import Location
@@ -83,7 +82,11 @@ class TrackedSession:
 
 
 class TrackedCheckout:
-    """One checkout of a pooled connection, from checkout to checkin."""
+    """One checkout of a pooled connection, from checkout to checkin.
+
+    `owner` is the session it belongs to; None for a raw DBAPI connection
+    (`engine.raw_connection()`), which only the pool metrics count.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -101,7 +104,7 @@ class TrackedCheckout:
         self,
         pool_name: str,
         record_key: int,
-        owner: TrackedSession,
+        owner: TrackedSession | None,
         request: RequestScope | None,
     ) -> None:
         self.pool_name = pool_name
@@ -113,19 +116,10 @@ class TrackedCheckout:
         self.returned = False
         self.fairy_ref: weakref.ref[Any] | None = None
 
-    def watch(self, fairy: Any, on_collected: Callable[[TrackedCheckout], None]) -> None:
-        """Call on_collected if the connection proxy is garbage collected before checkin."""
-        self_ref = weakref.ref(self)
-
-        def collected(_: object) -> None:
-            checkout = self_ref()
-            if checkout is not None and not checkout.returned:
-                on_collected(checkout)
-
-        self.fairy_ref = weakref.ref(fairy, collected)
-
     @property
     def collected(self) -> bool:
+        """Whether the connection proxy was garbage collected: read when the pool takes the
+        connection back (a sync pool checks it in, an async pool detaches it)."""
         return self.fairy_ref is not None and self.fairy_ref() is None
 
     @property

@@ -383,7 +383,7 @@ class OpenTelemetryObserver:
 
     def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None:
         self.wait_time.record(wait, self._pool(checkout.pool_name))
-        state: _SessionSpan | None = checkout.owner.span
+        state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
         if state is not None:
             state.checked_out(wait)
         fairy = checkout.fairy_ref() if checkout.fairy_ref is not None else None
@@ -398,7 +398,7 @@ class OpenTelemetryObserver:
 
     def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None:
         self.use_time.record(use, self._pool(checkout.pool_name))
-        state: _SessionSpan | None = checkout.owner.span
+        state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
         if state is not None:
             state.checked_in(use)
 
@@ -406,7 +406,9 @@ class OpenTelemetryObserver:
         self, pool_name: str, soft: bool, checkout: TrackedCheckout | None
     ) -> None:
         self.invalidations.add(1, {POOL_NAME: pool_name, SOFT: soft})
-        state: _SessionSpan | None = None if checkout is None else checkout.owner.span
+        state: _SessionSpan | None = (
+            None if checkout is None or checkout.owner is None else checkout.owner.span
+        )
         if state is not None:
             state.add_event("connection.invalidated", {SOFT: soft})
 
@@ -491,7 +493,7 @@ class OpenTelemetryObserver:
             checkout = None if ref is None else ref()
             if checkout is None or checkout.returned:
                 return
-            state: _SessionSpan | None = checkout.owner.span
+            state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
             if state is None or state.ended or hasattr(context, self._token_attribute):
                 return
             token = otel_context.attach(trace.set_span_in_context(state.span))

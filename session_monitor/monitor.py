@@ -231,7 +231,7 @@ class SessionMonitor:
         if state is None:
             return call
         pools = self._pools
-        return lambda: pools.acquire(state, call, for_connection)
+        return lambda: pools.acquire(engine, state, call, for_connection)
 
     def _session_acquiring(
         self, session: Session, bind: Engine | Connection, frame: FrameType

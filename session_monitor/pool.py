@@ -49,13 +49,15 @@ class PoolState:
         self.checked_out: dict[int, TrackedCheckout] = {}
         self.idle: set[int] = set()
         self.capacities: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
-        self.capacity: int | None = None  # None: unbounded, so nobody ever waits
 
-    def exhausted(self) -> bool:
-        # Read without the lock: a caller racing the last free connection may go uncounted
-        # as pending for the moment it waits; under exhaustion, every caller is counted.
-        capacity = self.capacity
-        return capacity is not None and not self.idle and len(self.checked_out) >= capacity
+    def will_wait(self, engine: Engine) -> bool:
+        """Whether a caller arriving now finds no connection to take: it is pending."""
+        if self.idle:
+            return False  # the common case, answered without asking the pool
+        capacity = self.capacities.get(engine)
+        # The pool's own count includes connections still being opened, which are neither
+        # idle nor checked out yet: callers arriving at a cold pool wait for those too.
+        return capacity is not None and engine.pool.checkedout() >= capacity  # type: ignore[attr-defined]
 
 
 def _capacity(engine: Engine) -> int | None:
@@ -114,7 +116,7 @@ class PoolTracker:
         if capacity is not None:
             with state.lock:
                 state.capacities[engine] = capacity
-                total = state.capacity = sum(state.capacities.values())
+                total = sum(state.capacities.values())
                 self._emit.pool_capacity(name, total)
         with state.lock:
             self._publish_usage(state)
@@ -160,8 +162,10 @@ class PoolTracker:
 
     # -- waiting (called from the raw_connection hook) ---------------------------------------
 
-    def acquire(self, state: PoolState, call: Callable[[], Any], for_connection: bool) -> Any:
-        pending = state.exhausted()
+    def acquire(
+        self, engine: Engine, state: PoolState, call: Callable[[], Any], for_connection: bool
+    ) -> Any:
+        pending = state.will_wait(engine)
         if pending:
             self._emit.pool_pending(state.name, +1)
         started = time.perf_counter()

@@ -19,6 +19,11 @@ POSTGRES_ENV = "SESSION_MONITOR_TEST_POSTGRES_URL"
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
 

@@ -23,6 +23,8 @@ from session_monitor import (
     pool_name_for,
 )
 
+pytestmark = pytest.mark.anyio
+
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

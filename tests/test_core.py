@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from session_monitor import NO_REQUEST, UNMATCHED_ROUTE, SessionMonitor
 
+pytestmark = pytest.mark.anyio
+
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")

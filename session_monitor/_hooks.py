@@ -7,6 +7,10 @@
   connection from one the app checked out through Core.
 - ``Session._close_impl``: there is no close event; close(), invalidate(), reset() and context
   manager exit all pass through here.
+- ``Connection._begin_impl`` / ``_commit_impl`` / ``_rollback_impl``: Core transactions. The
+  engine's begin/commit/rollback events would do, but listening to any Connection event puts
+  every statement of that engine on SQLAlchemy's slower event-dispatching path, for good
+  (``Engine._has_events`` is never reset); these three calls happen once per transaction.
 
 Each wrapper calls the original unchanged and lets its exceptions through; the monitors' own code
 runs guarded. The originals are restored when the last monitor unsubscribes.
@@ -62,6 +66,9 @@ def _install() -> None:
     _patch(Engine, "raw_connection", _raw_connection)
     _patch(SessionTransaction, "_connection_for_bind", _connection_for_bind)
     _patch(Session, "_close_impl", _close_impl)
+    _patch(Connection, "_begin_impl", _begin_impl)
+    _patch(Connection, "_commit_impl", _commit_impl)
+    _patch(Connection, "_rollback_impl", _rollback_impl)
 
 
 def _uninstall() -> None:
@@ -121,3 +128,21 @@ def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:
     finally:
         for monitor in _monitors:
             monitor._session_closed(self)
+
+
+def _begin_impl(self: Connection, transaction: Any) -> None:
+    _original(Connection, "_begin_impl")(self, transaction)
+    for monitor in _monitors:
+        monitor._core_transaction(self, "begin")
+
+
+def _commit_impl(self: Connection) -> None:
+    _original(Connection, "_commit_impl")(self)
+    for monitor in _monitors:
+        monitor._core_transaction(self, "commit")
+
+
+def _rollback_impl(self: Connection) -> None:
+    for monitor in _monitors:
+        monitor._core_transaction(self, "rollback")
+    _original(Connection, "_rollback_impl")(self)

@@ -246,6 +246,12 @@ class SessionMonitor:
         except Exception:
             self._guard.failed("session_open")
 
+    def _core_transaction(self, connection: Connection, step: str) -> None:
+        try:
+            self._pools.core_transaction(connection, step)
+        except Exception:
+            self._guard.failed(f"core_{step}")
+
     def _session_transaction_began(self, session: Session, transaction: SessionTransaction) -> None:
         try:
             self._sessions.orm_transaction_began(session, transaction)

@@ -146,9 +146,6 @@ class PoolTracker:
         listen(engine, "invalidate", bind("invalidate", self._invalidate_evt))
         listen(engine, "soft_invalidate", bind("soft_invalidate", self._soft_invalidate_evt))
         listen(engine, "reset", bind("reset", self._reset_evt))
-        listen(engine, "begin", bind("begin", self._begin_evt))
-        listen(engine, "commit", bind("commit", self._commit_evt))
-        listen(engine, "rollback", bind("rollback", self._rollback_evt))
 
     def checkouts(self) -> Iterator[TrackedCheckout]:
         for state in list(self._states.values()):
@@ -315,21 +312,18 @@ class PoolTracker:
             return None
         return checkout.owner
 
-    def _begin_evt(self, state: PoolState, connection: Connection) -> None:
+    def core_transaction(self, connection: Connection, step: str) -> None:
+        """A Core connection's transaction began, committed or rolled back (from the hooks)."""
         owner = self._core_session(connection)
-        if owner is not None:
+        if owner is None:
+            return
+        if step == "begin":
             self._sessions.begin_transaction(owner, 1)
-
-    def _commit_evt(self, state: PoolState, connection: Connection) -> None:
-        owner = self._core_session(connection)
-        if owner is not None:
+        elif step == "commit":
             self._sessions.end_transaction(owner, "commit")
-
-    def _rollback_evt(self, state: PoolState, connection: Connection) -> None:
-        # Connection.close() rolls back an open transaction too: which one this was is known
-        # only at the pool's reset that follows.
-        owner = self._core_session(connection)
-        if owner is not None and owner.transaction_id is not None:
+        elif owner.transaction_id is not None:
+            # Connection.close() rolls back an open transaction too: which one this was is
+            # known only at the pool's reset that follows.
             owner.transaction_outcome = "rollback"
 
     def _reset_evt(

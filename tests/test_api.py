@@ -401,3 +401,22 @@ def test_invalidated_connections_are_counted_without_internal_errors(
     assert total(registry, "session_monitor_internal_errors_total") == 0
     assert total(registry, "sqlalchemy_sessions_active") == 0
     assert total(registry, "db_client_connection_count", state="used") == 0
+
+
+def test_monitoring_keeps_statements_off_the_event_dispatch_path(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    # Any Connection-event listener switches every statement of an engine to SQLAlchemy's
+    # slower dispatching path, for good; the monitor must get what it needs without one.
+    engine = make_engine(sqlite_url)
+    make_monitor(engine, registry=registry)
+    with engine.begin() as connection:
+        connection.execute(text("SELECT 1"))
+    with Session(engine) as session:
+        session.execute(text("SELECT 1"))
+        session.commit()
+    assert engine._has_events is False
+    assert sample(registry, "sqlalchemy_transactions_total", route="<none>", method="<none>", outcome="commit") == 2

@@ -1,0 +1,146 @@
+"""The benchmark runs end to end (``python -m benchmarks --quick``) and prints every row.
+
+Tiny iteration counts: this checks that each table is produced with numbers that parse, never
+how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NUMBER = r"-?\d+(?:\.\d+)?"
+RATIO = re.compile(rf"^({NUMBER}) \(({NUMBER})-({NUMBER})\)( A/A)?$")
+DELTA = re.compile(rf"^[+-]{NUMBER}$")
+VERDICT = re.compile(r"(PASS|MISS)$")
+
+WORKLOADS = (
+    "session lifecycle",
+    "Core connect()+execute",
+    "pool.connect().close()",
+    "engine.raw_connection().close()",
+)
+ALWAYS_RUN = ("bare", "session_monitor default", "session_monitor capture_stacks=True")
+OPTIONAL = ("session_monitor + OTel (tracing.py)", "opentelemetry-instrumentation-sqlalchemy")
+
+
+@dataclass
+class Run:
+    stdout: str
+    results: Path
+    tables: dict[str, list[list[str]]]
+
+    def table(self, title_start: str) -> list[list[str]]:
+        found = [rows for title, rows in self.tables.items() if title.startswith(title_start)]
+        assert len(found) == 1, f"expected one table titled {title_start!r}:\n{self.stdout}"
+        return found[0]
+
+
+def _tables(stdout: str) -> dict[str, list[list[str]]]:
+    """Markdown tables by title: their body rows, cells stripped."""
+    tables: dict[str, list[list[str]]] = {}
+    rows: list[list[str]] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("### "):
+            rows = tables[line[4:]] = []
+        elif line.startswith("|") and rows is not None:
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows.append(cells)
+    # drop each table's header and separator
+    return {title: body[2:] for title, body in tables.items()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    results = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--output", str(results)]
+    if shutil.which("wrk") is None:
+        command += ["--only", "micro,scale,memory"]
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout}\n{done.stderr}"
+    return Run(done.stdout, results, _tables(done.stdout))
+
+
+def _numbers(*cells: str) -> None:
+    for cell in cells:
+        float(cell)  # raises on anything but a number
+
+
+def test_micro_has_every_operation_and_variant(run: Run) -> None:
+    rows = run.table("micro:")
+    by_key = {(row[0], row[1]): row for row in rows}
+    for workload in WORKLOADS:
+        for variant in ALWAYS_RUN:
+            row = by_key[(workload, variant)]
+            _numbers(row[2])
+            assert row[3] == "—" or DELTA.match(row[3]), row
+            assert RATIO.match(row[4]), row
+        for variant in OPTIONAL:
+            row = by_key[(workload, variant)]
+            if row[2] != "skipped":
+                _numbers(row[2])
+                assert RATIO.match(row[4]), row
+    targets = [row for row in rows if row[5]]
+    assert len(targets) == 4
+    assert all(VERDICT.search(row[5]) for row in targets)
+
+
+def test_scale_tables(run: Run) -> None:
+    threads = run.table("scale: wall time per session lifecycle vs threads")
+    pools = run.table("scale: wall time per session lifecycle vs pool size")
+    held = run.table("scale: one more session lifecycle")
+    assert [int(row[0]) for row in threads] == [1, 8]
+    assert [int(row[1]) for row in pools] == [1, 4]
+    assert [int(row[0]) for row in held] == [1, 100]
+    for row in threads + pools:
+        _numbers(row[2], row[3])
+        assert DELTA.match(row[4]) and RATIO.match(row[5]), row
+    for row in held:
+        assert row[1].isdigit(), row
+        _numbers(row[2], row[3], row[6], row[7], row[8])
+        assert DELTA.match(row[4]) and RATIO.match(row[5]), row
+
+
+def test_memory_table(run: Run) -> None:
+    (row,) = run.table("memory:")
+    assert re.match(r"^\d+ \(\+\d+\)$", row[0])
+    assert re.match(r"^\d+→\d+$", row[1]) and re.match(r"^\d+→\d+$", row[2])
+    _numbers(row[3], row[4], row[5], row[6])
+    assert VERDICT.search(row[7])
+
+
+def test_http_tables(run: Run) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed: the HTTP benchmark needs it (apt-get install wrk)")
+    summary = run.table("http: GET")
+    assert [row[0] for row in summary] == ["bare", "monitored"]
+    for row in summary:
+        _numbers(row[1], row[2], row[3])
+    assert RATIO.match(summary[1][4]) and VERDICT.search(summary[1][6])
+    runs = run.table("http: every wrk run")
+    assert len(runs) == 2
+    for row in runs:
+        _numbers(row[2], row[3], row[4], row[5], row[6])
+
+
+def test_targets_and_results_file(run: Run) -> None:
+    targets = run.table("targets")
+    assert len(targets) >= 6
+    assert all(VERDICT.search(row[2]) for row in targets), targets
+    written = run.results.read_text(encoding="utf-8")
+    assert written.startswith("# session_monitor benchmark results")
+    for fact in ("CPU:", "cores", "Python", "sqlalchemy", "prometheus-client", "date:"):
+        assert fact in written
+    assert "### micro:" in written and "### memory:" in written

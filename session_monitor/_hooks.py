@@ -7,10 +7,12 @@
   connection from one the app checked out through Core.
 - ``Session._close_impl``: there is no close event; close(), invalidate(), reset() and context
   manager exit all pass through here.
-- ``Connection._begin_impl`` / ``_commit_impl`` / ``_rollback_impl``: Core transactions. The
-  engine's begin/commit/rollback events would do, but listening to any Connection event puts
-  every statement of that engine on SQLAlchemy's slower event-dispatching path, for good
-  (``Engine._has_events`` is never reset); these three calls happen once per transaction.
+- ``Connection._begin_impl`` / ``_commit_impl`` / ``_rollback_impl``: transactions, ORM and Core
+  alike. The engine's begin/commit/rollback events would do, but listening to any Connection
+  event puts every statement of that engine on SQLAlchemy's slower event-dispatching path, for
+  good (``Engine._has_events`` is never reset); these calls happen once per transaction.
+- ``Transaction.close``: a root transaction closed without commit or rollback is rolled back by
+  SQLAlchemy; that rollback is the outcome ``close`` (the normal read path), not ``rollback``.
 
 Each wrapper calls the original unchanged and lets its exceptions through; the monitors' own code
 runs guarded. The originals are restored when the last monitor unsubscribes.
@@ -18,13 +20,14 @@ runs guarded. The originals are restored when the last monitor unsubscribes.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 
 if TYPE_CHECKING:
@@ -63,12 +66,17 @@ def unsubscribe(monitor: SessionMonitor) -> None:
 
 
 def _install() -> None:
-    _patch(Engine, "raw_connection", _raw_connection)
-    _patch(SessionTransaction, "_connection_for_bind", _connection_for_bind)
-    _patch(Session, "_close_impl", _close_impl)
-    _patch(Connection, "_begin_impl", _begin_impl)
-    _patch(Connection, "_commit_impl", _commit_impl)
-    _patch(Connection, "_rollback_impl", _rollback_impl)
+    global _orig_raw_connection, _orig_connection_for_bind, _orig_close_impl
+    global _orig_begin_impl, _orig_commit_impl, _orig_rollback_impl, _orig_transaction_close
+    _orig_raw_connection = _patch(Engine, "raw_connection", _raw_connection)
+    _orig_connection_for_bind = _patch(
+        SessionTransaction, "_connection_for_bind", _connection_for_bind
+    )
+    _orig_close_impl = _patch(Session, "_close_impl", _close_impl)
+    _orig_begin_impl = _patch(Connection, "_begin_impl", _begin_impl)
+    _orig_commit_impl = _patch(Connection, "_commit_impl", _commit_impl)
+    _orig_rollback_impl = _patch(Connection, "_rollback_impl", _rollback_impl)
+    _orig_transaction_close = _patch(Transaction, "close", _transaction_close)
 
 
 def _uninstall() -> None:
@@ -77,32 +85,41 @@ def _uninstall() -> None:
     _originals.clear()
 
 
-def _patch(cls: type, name: str, wrapper: Callable[..., Any]) -> None:
+def _patch(cls: type, name: str, wrapper: Callable[..., Any]) -> Any:
     # Read from the class __dict__ so a subclass never captures an inherited wrapper.
     original = cls.__dict__[name]
     _originals[(cls, name)] = original
     setattr(cls, name, wrapper)
+    return original
 
 
-def _original(cls: type, name: str) -> Any:
-    return _originals[(cls, name)]
+# The originals, as module globals: the wrappers run on every checkout and transaction.
+_orig_raw_connection: Any = Engine.raw_connection
+_orig_connection_for_bind: Any = SessionTransaction._connection_for_bind
+_orig_close_impl: Any = Session._close_impl
+_orig_begin_impl: Any = Connection._begin_impl
+_orig_commit_impl: Any = Connection._commit_impl
+_orig_rollback_impl: Any = Connection._rollback_impl
+_orig_transaction_close: Any = Transaction.close
 
 
 def _raw_connection(self: Engine) -> Any:
-    original = _original(Engine, "raw_connection")
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
     # connection, which is no session.
     for_connection = sys._getframe(1).f_code is _CONNECTION_INIT
-    call: Callable[[], Any] = lambda: original(self)  # noqa: E731
-    for monitor in _monitors:
-        call = monitor._wrap_acquire(self, call, for_connection)
-    return call()
+    monitors = _monitors
+    if len(monitors) == 1:
+        return monitors[0]._acquire(self, _orig_raw_connection, for_connection)
+    call: Callable[[Engine], Any] = _orig_raw_connection
+    for monitor in monitors:
+        call = functools.partial(monitor._acquire, call=call, for_connection=for_connection)
+    return call(self)
 
 
 def _connection_for_bind(
     self: SessionTransaction, bind: Any, execution_options: Any = None, *args: Any, **kw: Any
 ) -> Any:
-    original = _original(SessionTransaction, "_connection_for_bind")
+    original = _orig_connection_for_bind
     monitors = _monitors
     # Only a root transaction asking for a bind it has no connection for acquires one.
     if not monitors or self._parent is not None or bind in self._connections:
@@ -116,33 +133,44 @@ def _connection_for_bind(
         connection = original(self, bind, execution_options, *args, **kw)
     finally:
         acquiring_session.reset(token)
-    for monitor in monitors:
-        monitor._session_transaction_began(session, self)
     return connection
 
 
 def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:
-    original = _original(Session, "_close_impl")
     try:
-        return original(self, *args, **kw)
+        return _orig_close_impl(self, *args, **kw)
     finally:
         for monitor in _monitors:
             monitor._session_closed(self)
 
 
 def _begin_impl(self: Connection, transaction: Any) -> None:
-    _original(Connection, "_begin_impl")(self, transaction)
+    _orig_begin_impl(self, transaction)
     for monitor in _monitors:
-        monitor._core_transaction(self, "begin")
+        monitor._transaction_step(self, "begin")
 
 
 def _commit_impl(self: Connection) -> None:
-    _original(Connection, "_commit_impl")(self)
+    _orig_commit_impl(self)
     for monitor in _monitors:
-        monitor._core_transaction(self, "commit")
+        monitor._transaction_step(self, "commit")
 
 
 def _rollback_impl(self: Connection) -> None:
     for monitor in _monitors:
-        monitor._core_transaction(self, "rollback")
-    _original(Connection, "_rollback_impl")(self)
+        monitor._transaction_step(self, "rollback")
+    _orig_rollback_impl(self)
+
+
+def _transaction_close(self: Transaction) -> None:
+    if not isinstance(self, RootTransaction):
+        _orig_transaction_close(self)
+        return
+    connection = self.connection
+    for monitor in _monitors:
+        monitor._transaction_step(connection, "close")
+    try:
+        _orig_transaction_close(self)
+    finally:
+        for monitor in _monitors:
+            monitor._transaction_step(connection, "closed")

@@ -6,13 +6,13 @@ import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
 from . import _hooks
 from ._listeners import Guard, ListenerSet
@@ -167,7 +167,6 @@ class SessionMonitor:
     def _instrument(self, engines: list[Engine]) -> None:
         for engine in engines:
             self._pools.add_engine(engine)
-        self._sessions.listen(self._listeners)
         threshold = self.config.leak_threshold
         if threshold is not None:
             self._age_watcher = AgeWatcher(
@@ -222,16 +221,15 @@ class SessionMonitor:
             with contextlib.suppress(Exception):
                 observer.internal_error(listener)
 
-    def _wrap_acquire(self, engine: Engine, call: Any, for_connection: bool) -> Any:
+    def _acquire(self, engine: Engine, call: Callable[[Engine], Any], for_connection: bool) -> Any:
         try:
             state = self._pools.state_for(engine)
         except Exception:
             self._guard.failed("raw_connection")
-            return call
+            state = None
         if state is None:
-            return call
-        pools = self._pools
-        return lambda: pools.acquire(engine, state, call, for_connection)
+            return call(engine)
+        return self._pools.acquire(engine, state, call, for_connection)
 
     def _session_acquiring(
         self, session: Session, bind: Engine | Connection, frame: FrameType
@@ -246,17 +244,11 @@ class SessionMonitor:
         except Exception:
             self._guard.failed("session_open")
 
-    def _core_transaction(self, connection: Connection, step: str) -> None:
+    def _transaction_step(self, connection: Connection, step: str) -> None:
         try:
-            self._pools.core_transaction(connection, step)
+            self._pools.transaction_step(connection, step)
         except Exception:
-            self._guard.failed(f"core_{step}")
-
-    def _session_transaction_began(self, session: Session, transaction: SessionTransaction) -> None:
-        try:
-            self._sessions.orm_transaction_began(session, transaction)
-        except Exception:
-            self._guard.failed("transaction_begin")
+            self._guard.failed(f"transaction_{step}")
 
     def _session_closed(self, session: Session) -> None:
         try:

@@ -90,8 +90,12 @@ class PoolTracker:
         self._engines: weakref.WeakKeyDictionary[Engine, PoolState] = weakref.WeakKeyDictionary()
         self._states: dict[str, PoolState] = {}
         self._lock = threading.Lock()
-        # The key under which a connection's current checkout is kept in its pool entry's info.
-        self.key = object()
+        # Checkouts by id() of their connection proxy, which a Connection holds: the
+        # transaction hooks find a connection's checkout with one lookup.
+        self.by_proxy: dict[int, TrackedCheckout] = {}
+        # ... and by id() of the Connection using them, from its first transaction on: once a
+        # connection is invalidated it no longer holds its proxy.
+        self.by_connection: dict[int, TrackedCheckout] = {}
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -145,7 +149,6 @@ class PoolTracker:
         listen(engine, "detach", bind("detach", self._detach_evt))
         listen(engine, "invalidate", bind("invalidate", self._invalidate_evt))
         listen(engine, "soft_invalidate", bind("soft_invalidate", self._soft_invalidate_evt))
-        listen(engine, "reset", bind("reset", self._reset_evt))
 
     def checkouts(self) -> Iterator[TrackedCheckout]:
         for state in list(self._states.values()):
@@ -160,7 +163,11 @@ class PoolTracker:
     # -- waiting (called from the raw_connection hook) ---------------------------------------
 
     def acquire(
-        self, engine: Engine, state: PoolState, call: Callable[[], Any], for_connection: bool
+        self,
+        engine: Engine,
+        state: PoolState,
+        call: Callable[[Engine], Any],
+        for_connection: bool,
     ) -> Any:
         pending = state.will_wait(engine)
         if pending:
@@ -168,7 +175,7 @@ class PoolTracker:
         started = time.perf_counter()
         token = _acquisition.set((started, for_connection))
         try:
-            return call()
+            return call(engine)
         except exc.TimeoutError:
             self._timed_out(state, time.perf_counter() - started)
             raise
@@ -224,7 +231,7 @@ class PoolTracker:
         checkout.fairy_ref = weakref.ref(proxy)
         if owner is not None:
             owner.checkouts.append(checkout)
-        record.info[self.key] = checkout
+            self.by_proxy[id(proxy)] = checkout
         with state.lock:
             state.checked_out[key] = checkout
             state.idle.discard(key)
@@ -233,7 +240,6 @@ class PoolTracker:
 
     def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
         key = id(record)
-        record.info.pop(self.key, None)
         with state.lock:
             checkout = state.checked_out.pop(key, None)
             if dbapi_connection is not None:
@@ -248,16 +254,28 @@ class PoolTracker:
         checkout.returned = True
         held = checkout.held_for
         owner = checkout.owner
+        if checkout.transaction_started_at is not None:
+            # Still open when the pool takes it back: dropped, invalidated or detached.
+            self._sessions.end_transaction(checkout, "close")
         self._emit.connection_checked_in(checkout, held)
         if owner is None:
             return
+        key = checkout.connection_key
+        if key is not None and self.by_connection.get(key) is checkout:
+            del self.by_connection[key]
+        fairy = checkout.fairy_ref() if checkout.fairy_ref is not None else None
+        if fairy is not None:
+            self.by_proxy.pop(id(fairy), None)
+        else:
+            # Collected: its id() is free for reuse, so drop the entry that holds this checkout.
+            for proxy_id, held_checkout in list(self.by_proxy.items()):
+                if held_checkout is checkout:
+                    del self.by_proxy[proxy_id]
         if checkout in owner.checkouts:
             owner.checkouts.remove(checkout)
         if checkout.age_reported:
             self._leak_log.came_back(checkout, held)
         if owner.kind == "connection":
-            if owner.transaction_id is not None:
-                self._sessions.end_transaction(owner, owner.transaction_outcome or "close")
             self._sessions.close(owner, collected=checkout.collected)
 
     def _close_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
@@ -286,6 +304,10 @@ class PoolTracker:
 
     def _invalidated(self, state: PoolState, record: Any, *, soft: bool) -> None:
         checkout = state.checked_out.get(id(record))
+        if not soft and checkout is not None and checkout.transaction_started_at is not None:
+            # The connection and its transaction are gone: whatever the app does next, that
+            # transaction was rolled back.
+            self._sessions.end_transaction(checkout, "rollback")
         self._emit.connection_invalidated(state.name, soft, checkout)
 
     def report_age(self, checkout: TrackedCheckout, threshold: float) -> None:
@@ -301,42 +323,26 @@ class PoolTracker:
         )
         self._sessions.leaked(checkout.owner, "age", detail)
 
-    # -- Core transactions: sessions' own transactions are tracked by session events ----------
+    # -- transactions: reported by the Connection and Transaction hooks -----------------------
 
-    def _core_session(self, connection: Connection) -> Any:
-        if connection.invalidated or connection.closed:
-            # Connection.info would try to reconnect (and raise) to reach the pool entry.
-            return None
-        checkout: TrackedCheckout | None = connection.info.get(self.key)
-        if checkout is None or checkout.owner is None or checkout.owner.kind != "connection":
-            return None
-        return checkout.owner
-
-    def core_transaction(self, connection: Connection, step: str) -> None:
-        """A Core connection's transaction began, committed or rolled back (from the hooks)."""
-        owner = self._core_session(connection)
-        if owner is None:
-            return
+    def transaction_step(self, connection: Connection, step: str) -> None:
         if step == "begin":
-            self._sessions.begin_transaction(owner, 1)
-        elif step == "commit":
-            self._sessions.end_transaction(owner, "commit")
-        elif owner.transaction_id is not None:
-            # Connection.close() rolls back an open transaction too: which one this was is
-            # known only at the pool's reset that follows.
-            owner.transaction_outcome = "rollback"
-
-    def _reset_evt(
-        self, state: PoolState, dbapi_connection: Any, record: Any, reset_state: Any
-    ) -> None:
-        checkout = state.checked_out.get(id(record))
-        if checkout is None:
+            proxy = connection._dbapi_connection
+            checkout = None if proxy is None else self.by_proxy.get(id(proxy))
+            if checkout is not None:
+                self._sessions.begin_transaction(checkout)
+                checkout.connection_key = id(connection)
+                self.by_connection[id(connection)] = checkout
             return
-        owner = checkout.owner
-        if owner is None or owner.kind != "connection" or owner.transaction_id is None:
+        checkout = self.by_connection.get(id(connection))
+        if checkout is None or checkout.returned:
             return
-        closed_by_close = bool(getattr(reset_state, "transaction_was_reset", False))
-        outcome = owner.transaction_outcome
-        if outcome == "rollback" and closed_by_close:
-            outcome = "close"
-        self._sessions.end_transaction(owner, outcome or "close")
+        if step == "commit":
+            self._sessions.end_transaction(checkout, "commit")
+        elif step == "rollback":
+            closing = checkout.transaction_closing
+            self._sessions.end_transaction(checkout, "close" if closing else "rollback")
+        elif step == "close":
+            checkout.transaction_closing = checkout.transaction_started_at is not None
+        else:  # "closed": whether or not it needed a rollback
+            checkout.transaction_closing = False

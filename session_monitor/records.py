@@ -37,9 +37,6 @@ class TrackedSession:
         "span",
         "stack",
         "transaction_count",
-        "transaction_id",
-        "transaction_outcome",
-        "transaction_started_at",
     )
 
     def __init__(
@@ -67,9 +64,6 @@ class TrackedSession:
         self.leak_reason: str | None = None
         self.checkouts: list[TrackedCheckout] = []
         self.transaction_count = 0
-        self.transaction_id: int | None = None
-        self.transaction_started_at = 0.0
-        self.transaction_outcome: str | None = None
         # Free for an observer that needs per-session state (the OpenTelemetry span).
         self.span: Any = None
 
@@ -92,12 +86,15 @@ class TrackedCheckout:
         "__weakref__",
         "age_reported",
         "checked_out_at",
+        "connection_key",
         "fairy_ref",
         "owner",
         "pool_name",
         "record_key",
         "request",
         "returned",
+        "transaction_closing",
+        "transaction_started_at",
     )
 
     def __init__(
@@ -115,6 +112,11 @@ class TrackedCheckout:
         self.age_reported = False
         self.returned = False
         self.fairy_ref: weakref.ref[Any] | None = None
+        # A transaction belongs to a connection: when it began, and whether the rollback that
+        # may come next is Transaction.close()'s (outcome "close") rather than the app's.
+        self.transaction_started_at: float | None = None
+        self.transaction_closing = False
+        self.connection_key: int | None = None  # id() of the Connection that began it
 
     @property
     def collected(self) -> bool:

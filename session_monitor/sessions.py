@@ -16,15 +16,15 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
-from ._listeners import Guard, ListenerSet
+from ._listeners import Guard
 from .config import MonitorConfig
 from .context import RequestScope, current_request
 from .leaks import LeakLog
 from .naming import NO_REQUEST
 from .observer import Fanout
-from .records import SessionKind, TrackedSession
+from .records import SessionKind, TrackedCheckout, TrackedSession
 from .stacks import application_location, application_stack
 
 if TYPE_CHECKING:
@@ -52,18 +52,6 @@ class SessionTracker:
     @property
     def live_sessions(self) -> int:
         return len(self._live)
-
-    def listen(self, listeners: ListenerSet) -> None:
-        wrap = self._guard.wrap
-        listeners.listen(Session, "after_commit", wrap("after_commit", self._after_commit_evt))
-        listeners.listen(
-            Session, "after_rollback", wrap("after_rollback", self._after_rollback_evt)
-        )
-        listeners.listen(
-            Session,
-            "after_transaction_end",
-            wrap("after_transaction_end", self._after_transaction_end_evt),
-        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -101,10 +89,7 @@ class SessionTracker:
 
     def tracked(self, orm_session: Session) -> TrackedSession | None:
         info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-        if info is None:
-            return None
-        tracked: TrackedSession | None = info.get(self.key)
-        return tracked
+        return None if info is None else info.get(self.key)
 
     def _collector_for(self, tracked: TrackedSession) -> Callable[[object], None]:
         def collected(_: object) -> None:
@@ -116,9 +101,9 @@ class SessionTracker:
         return collected
 
     def close_orm(self, orm_session: Session) -> None:
-        tracked = self.tracked(orm_session)
+        info: dict[Any, Any] | None = orm_session.__dict__.get("info")
+        tracked = None if info is None else info.pop(self.key, None)
         if tracked is not None:
-            del orm_session.info[self.key]
             self.close(tracked)
 
     def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
@@ -127,8 +112,11 @@ class SessionTracker:
                 return
             tracked.closed = True
         self._live.pop(id(tracked), None)
-        if tracked.transaction_id is not None:
-            self.end_transaction(tracked, tracked.transaction_outcome or "close")
+        for checkout in tracked.checkouts:
+            # Dropped with a transaction open: it ended with the session, whichever of the two
+            # the garbage collector reached first.
+            if checkout.transaction_started_at is not None:
+                self.end_transaction(checkout, "close")
         if collected:
             self.leaked(tracked, "gc")
         duration = time.perf_counter() - tracked.opened_at
@@ -153,42 +141,21 @@ class SessionTracker:
                 self.leaked(tracked, "request_end")
         request.sessions.clear()
 
-    # -- transactions ------------------------------------------------------------------------
+    # -- transactions: one per connection, from the Connection hooks and the pool's reset ----
 
-    def begin_transaction(self, tracked: TrackedSession, transaction_id: int) -> None:
-        if tracked.transaction_id is not None:
-            self.end_transaction(tracked, tracked.transaction_outcome or "close")
-        tracked.transaction_id = transaction_id
-        tracked.transaction_outcome = None
-        tracked.transaction_started_at = time.perf_counter()
-        tracked.transaction_count += 1
+    def begin_transaction(self, checkout: TrackedCheckout) -> None:
+        if checkout.transaction_started_at is not None:
+            self.end_transaction(checkout, "close")
+        checkout.transaction_started_at = time.perf_counter()
+        checkout.transaction_closing = False
+        if checkout.owner is not None:
+            checkout.owner.transaction_count += 1
 
-    def end_transaction(self, tracked: TrackedSession, outcome: str) -> None:
-        if tracked.transaction_id is None:
+    def end_transaction(self, checkout: TrackedCheckout, outcome: str) -> None:
+        started = checkout.transaction_started_at
+        if started is None:
             return
-        tracked.transaction_id = None
-        tracked.transaction_outcome = None
-        duration = time.perf_counter() - tracked.transaction_started_at
-        self._emit.transaction_ended(tracked, outcome, duration)
-
-    def orm_transaction_began(self, orm_session: Session, transaction: SessionTransaction) -> None:
-        tracked = self.tracked(orm_session)
-        if tracked is not None and tracked.transaction_id != id(transaction):
-            self.begin_transaction(tracked, id(transaction))
-
-    def _after_commit_evt(self, orm_session: Session) -> None:
-        tracked = self.tracked(orm_session)
-        if tracked is not None and tracked.transaction_id is not None:
-            tracked.transaction_outcome = "commit"
-
-    def _after_rollback_evt(self, orm_session: Session) -> None:
-        tracked = self.tracked(orm_session)
-        if tracked is not None and tracked.transaction_id is not None:
-            tracked.transaction_outcome = "rollback"
-
-    def _after_transaction_end_evt(
-        self, orm_session: Session, transaction: SessionTransaction
-    ) -> None:
-        tracked = self.tracked(orm_session)
-        if tracked is not None and tracked.transaction_id == id(transaction):
-            self.end_transaction(tracked, tracked.transaction_outcome or "close")
+        checkout.transaction_started_at = None
+        checkout.transaction_closing = False
+        if checkout.owner is not None:
+            self._emit.transaction_ended(checkout.owner, outcome, time.perf_counter() - started)

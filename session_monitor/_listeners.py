@@ -7,12 +7,9 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from sqlalchemy import event
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 logger = logging.getLogger("session_monitor")
 
@@ -57,14 +54,3 @@ class Guard:
                 "session_monitor_internal_errors_total.",
                 listener,
             )
-
-    def wrap(self, listener: str, fn: Callable[P, R | None]) -> Callable[P, R | None]:
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R | None:
-            try:
-                return fn(*args, **kwargs)
-            except Exception:
-                self.failed(listener)
-                return None
-
-        guarded.__name__ = f"session_monitor_{listener}"
-        return guarded

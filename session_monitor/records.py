@@ -30,7 +30,6 @@ class TrackedSession:
         "location",
         "method",
         "opened_at",
-        "opened_at_wall",
         "pool_name",
         "request",
         "route",
@@ -59,7 +58,6 @@ class TrackedSession:
         self.location = location
         self.stack = stack
         self.opened_at = time.perf_counter()
-        self.opened_at_wall = time.time()
         self.closed = False
         self.leak_reason: str | None = None
         self.checkouts: list[TrackedCheckout] = []

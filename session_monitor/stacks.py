@@ -98,11 +98,6 @@ def application_stack(frame: FrameType | None, depth: int) -> tuple[Location, ..
     return tuple(found)
 
 
-def caller_frame() -> FrameType:
-    """The frame of the caller's caller: where a listener was triggered from."""
-    return sys._getframe(2)
-
-
 def format_location(location: Location | None) -> str:
     if location is None:
         return "<unknown>"

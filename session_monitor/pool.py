@@ -40,7 +40,7 @@ _CONNECT_STARTED = "session_monitor.connect_started"
 class PoolState:
     """One pool name's connections: engines with the same URL share it."""
 
-    __slots__ = ("capacities", "capacity", "checked_out", "db_system", "idle", "lock", "name")
+    __slots__ = ("capacities", "checked_out", "db_system", "idle", "lock", "name")
 
     def __init__(self, name: str, db_system: str) -> None:
         self.name = name
@@ -231,7 +231,8 @@ class PoolTracker:
         checkout.fairy_ref = weakref.ref(proxy)
         if owner is not None:
             owner.checkouts.append(checkout)
-            self.by_proxy[id(proxy)] = checkout
+            checkout.proxy_key = id(proxy)
+            self.by_proxy[checkout.proxy_key] = checkout
         with state.lock:
             state.checked_out[key] = checkout
             state.idle.discard(key)
@@ -260,17 +261,13 @@ class PoolTracker:
         self._emit.connection_checked_in(checkout, held)
         if owner is None:
             return
-        key = checkout.connection_key
-        if key is not None and self.by_connection.get(key) is checkout:
-            del self.by_connection[key]
-        fairy = checkout.fairy_ref() if checkout.fairy_ref is not None else None
-        if fairy is not None:
-            self.by_proxy.pop(id(fairy), None)
-        else:
-            # Collected: its id() is free for reuse, so drop the entry that holds this checkout.
-            for proxy_id, held_checkout in list(self.by_proxy.items()):
-                if held_checkout is checkout:
-                    del self.by_proxy[proxy_id]
+        # Only this checkout's own entries: a collected proxy's id() may already be reused.
+        for index, key in (
+            (self.by_connection, checkout.connection_key),
+            (self.by_proxy, checkout.proxy_key),
+        ):
+            if key is not None and index.get(key) is checkout:
+                del index[key]
         if checkout in owner.checkouts:
             owner.checkouts.remove(checkout)
         if checkout.age_reported:

@@ -88,6 +88,7 @@ class TrackedCheckout:
         "fairy_ref",
         "owner",
         "pool_name",
+        "proxy_key",
         "record_key",
         "request",
         "returned",
@@ -115,6 +116,7 @@ class TrackedCheckout:
         self.transaction_started_at: float | None = None
         self.transaction_closing = False
         self.connection_key: int | None = None  # id() of the Connection that began it
+        self.proxy_key: int | None = None  # id() of the pool's connection proxy
 
     @property
     def collected(self) -> bool:

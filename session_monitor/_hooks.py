@@ -25,13 +25,24 @@ import sys
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 
-if TYPE_CHECKING:
-    from .monitor import SessionMonitor
+
+class Subscriber(NamedTuple):
+    """What one monitor has the hooks call; each of these guards itself and never raises."""
+
+    acquire: Callable[..., Any]  # (engine, call, for_connection) -> connection
+    session_acquiring: Callable[[Session, Any, FrameType], None]
+    session_closed: Callable[[Session], None]
+    transaction_began: Callable[[Connection], None]
+    transaction_committed: Callable[[Connection], None]
+    transaction_rolling_back: Callable[[Connection], None]
+    transaction_closing: Callable[[Connection, bool], None]
+
 
 # The Session whose root transaction is acquiring a connection right now (in this context).
 acquiring_session: ContextVar[Session | None] = ContextVar(
@@ -40,28 +51,32 @@ acquiring_session: ContextVar[Session | None] = ContextVar(
 
 _CONNECTION_INIT = Connection.__init__.__code__
 
-_monitors: tuple[SessionMonitor, ...] = ()
+_subscribers: tuple[Subscriber, ...] = ()
+_owners: tuple[object, ...] = ()
 _lock = threading.Lock()
 _originals: dict[tuple[type, str], Any] = {}
 
 
-def subscribe(monitor: SessionMonitor) -> None:
-    global _monitors
+def subscribe(owner: object, subscriber: Subscriber) -> None:
+    global _subscribers, _owners
     with _lock:
-        if monitor in _monitors:
+        if owner in _owners:
             return
-        if not _monitors:
+        if not _owners:
             _install()
-        _monitors = (*_monitors, monitor)
+        _owners = (*_owners, owner)
+        _subscribers = (*_subscribers, subscriber)
 
 
-def unsubscribe(monitor: SessionMonitor) -> None:
-    global _monitors
+def unsubscribe(owner: object) -> None:
+    global _subscribers, _owners
     with _lock:
-        if monitor not in _monitors:
+        if owner not in _owners:
             return
-        _monitors = tuple(m for m in _monitors if m is not monitor)
-        if not _monitors:
+        index = _owners.index(owner)
+        _owners = _owners[:index] + _owners[index + 1 :]
+        _subscribers = _subscribers[:index] + _subscribers[index + 1 :]
+        if not _owners:
             _uninstall()
 
 
@@ -107,12 +122,12 @@ def _raw_connection(self: Engine) -> Any:
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
     # connection, which is no session.
     for_connection = sys._getframe(1).f_code is _CONNECTION_INIT
-    monitors = _monitors
-    if len(monitors) == 1:
-        return monitors[0]._acquire(self, _orig_raw_connection, for_connection)
+    subscribers = _subscribers
+    if len(subscribers) == 1:
+        return subscribers[0].acquire(self, _orig_raw_connection, for_connection)
     call: Callable[[Engine], Any] = _orig_raw_connection
-    for monitor in monitors:
-        call = functools.partial(monitor._acquire, call=call, for_connection=for_connection)
+    for subscriber in subscribers:
+        call = functools.partial(subscriber.acquire, call=call, for_connection=for_connection)
     return call(self)
 
 
@@ -120,57 +135,57 @@ def _connection_for_bind(
     self: SessionTransaction, bind: Any, execution_options: Any = None, *args: Any, **kw: Any
 ) -> Any:
     original = _orig_connection_for_bind
-    monitors = _monitors
+    subscribers = _subscribers
     # Only a root transaction asking for a bind it has no connection for acquires one.
-    if not monitors or self._parent is not None or bind in self._connections:
+    if not subscribers or self._parent is not None or bind in self._connections:
         return original(self, bind, execution_options, *args, **kw)
     session = self.session
     caller = sys._getframe(1)
-    for monitor in monitors:
-        monitor._session_acquiring(session, bind, caller)
+    for subscriber in subscribers:
+        subscriber.session_acquiring(session, bind, caller)
     token = acquiring_session.set(session)
     try:
-        connection = original(self, bind, execution_options, *args, **kw)
+        return original(self, bind, execution_options, *args, **kw)
     finally:
         acquiring_session.reset(token)
-    return connection
 
 
 def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:
     try:
         return _orig_close_impl(self, *args, **kw)
     finally:
-        for monitor in _monitors:
-            monitor._session_closed(self)
+        for subscriber in _subscribers:
+            subscriber.session_closed(self)
 
 
 def _begin_impl(self: Connection, transaction: Any) -> None:
     _orig_begin_impl(self, transaction)
-    for monitor in _monitors:
-        monitor._transaction_step(self, "begin")
+    for subscriber in _subscribers:
+        subscriber.transaction_began(self)
 
 
 def _commit_impl(self: Connection) -> None:
     _orig_commit_impl(self)
-    for monitor in _monitors:
-        monitor._transaction_step(self, "commit")
+    for subscriber in _subscribers:
+        subscriber.transaction_committed(self)
 
 
 def _rollback_impl(self: Connection) -> None:
-    for monitor in _monitors:
-        monitor._transaction_step(self, "rollback")
+    for subscriber in _subscribers:
+        subscriber.transaction_rolling_back(self)
     _orig_rollback_impl(self)
 
 
 def _transaction_close(self: Transaction) -> None:
-    if not isinstance(self, RootTransaction):
+    subscribers = _subscribers
+    if not subscribers or not isinstance(self, RootTransaction):
         _orig_transaction_close(self)
         return
     connection = self.connection
-    for monitor in _monitors:
-        monitor._transaction_step(connection, "close")
+    for subscriber in subscribers:
+        subscriber.transaction_closing(connection, True)
     try:
         _orig_transaction_close(self)
     finally:
-        for monitor in _monitors:
-            monitor._transaction_step(connection, "closed")
+        for subscriber in subscribers:
+            subscriber.transaction_closing(connection, False)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from ._listeners import Guard, ListenerSet
 from .config import ConfigurationError, MonitorConfig, excluded_path_set
 from .context import RequestScope
 from .leaks import AgeWatcher, LeakLog
-from .metrics import PrometheusMetrics
+from .metrics import PrometheusCollector, PrometheusMetrics
 from .middleware import SessionMonitorMiddleware
 from .observer import Fanout, Observer
 from .pool import PoolTracker
@@ -49,6 +50,21 @@ def _sync_engines(engines: Iterable[Any]) -> list[Engine]:
                 f"to watch every engine in the process; got {type(candidate).__name__}"
             )
     return found
+
+
+def _register_all(registry: CollectorRegistry | None, collectors: list[Any]) -> None:
+    """Register every collector, or none: a name taken already leaves the registry as it was."""
+    if registry is None:
+        return
+    done: list[Any] = []
+    try:
+        for collector in collectors:
+            registry.register(collector)
+            done.append(collector)
+    except ValueError:
+        for collector in done:
+            registry.unregister(collector)
+        raise
 
 
 class SessionMonitor:
@@ -118,22 +134,19 @@ class SessionMonitor:
                     tracer_provider=tracer_provider, meter_provider=meter_provider
                 )
             )
-        self.metrics = PrometheusMetrics(registry=None)
-        try:
-            self.metrics.register(registry)
-        except ValueError as error:
-            raise ConfigurationError(
-                f"{error}. Another SessionMonitor already registered its metrics in this "
-                "registry: build one monitor per process (it can watch several engines), call "
-                "uninstrument() on the old one first, or pass registry=CollectorRegistry()."
-            ) from None
-        all_observers: list[Observer] = [self.metrics, *otel_observers]
-        all_observers.extend(observers)
+        all_observers: list[Observer] = [*otel_observers, *observers]
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if multiprocess:
+            # Workers' values must go through prometheus_client's files to be added up.
+            push_metrics = PrometheusMetrics(registry=None)
+            all_observers.insert(0, push_metrics)
+        # Only what is given besides the metrics: none by default, and then no call is made.
         self.observers: tuple[Observer, ...] = tuple(all_observers)
-        self.metrics_app = self._build_metrics_app(registry)
 
+        self._errors: dict[str, int] = {}
+        self._errors_lock = threading.Lock()
         self._guard = Guard(self._count_internal_error)
-        self._emit = Fanout(self.observers, self._guard.failed)
+        self._emit = Fanout(self.observers, self._guard.failed) if self.observers else None
         self._listeners = ListenerSet()
         leak_log = LeakLog(self.config.log_leaks)
         self._sessions = SessionTracker(self.config, self._emit, self._guard, leak_log)
@@ -146,6 +159,24 @@ class SessionMonitor:
             every_engine=not sync_engines,
             pool_name=pool_name,
         )
+        self.metrics: PrometheusCollector | PrometheusMetrics
+        if multiprocess:
+            self.metrics = push_metrics
+            self._collectors: list[Any] = list(push_metrics.collectors())
+        else:
+            self.metrics = PrometheusCollector(
+                self._sessions.snapshot, self._pools.snapshot, self._error_counts
+            )
+            self._collectors = [self.metrics]
+        try:
+            _register_all(registry, self._collectors)
+        except ValueError as error:
+            raise ConfigurationError(
+                f"{error}. Another SessionMonitor already registered its metrics in this "
+                "registry: build one monitor per process (it can watch several engines), call "
+                "uninstrument() on the old one first, or pass registry=CollectorRegistry()."
+            ) from None
+        self.metrics_app = self._build_metrics_app(registry)
         self._age_watcher: AgeWatcher | None = None
         self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self.instrumented = False
@@ -176,7 +207,7 @@ class SessionMonitor:
                 self._guard.failed,
             )
             self._age_watcher.start()
-        _hooks.subscribe(self)
+        _hooks.subscribe(self, self._subscriber())
         self.instrumented = True
 
     def instrument_app(self, app: Any) -> Any:
@@ -210,26 +241,35 @@ class SessionMonitor:
                 ]
         self._apps = weakref.WeakSet()
         if self.registry is not None:
-            for collector in self.metrics.collectors():
+            for collector in self._collectors:
                 self.registry.unregister(collector)
-        self._emit.close()
+        if self._emit is not None:
+            self._emit.close()
 
     # -- what the hooks, listeners and middleware call (never raise) -------------------------
 
     def _count_internal_error(self, listener: str) -> None:
+        with self._errors_lock:
+            self._errors[listener] = self._errors.get(listener, 0) + 1
         for observer in self.observers:
             with contextlib.suppress(Exception):
                 observer.internal_error(listener)
 
-    def _acquire(self, engine: Engine, call: Callable[[Engine], Any], for_connection: bool) -> Any:
-        try:
-            state = self._pools.state_for(engine)
-        except Exception:
-            self._guard.failed("raw_connection")
-            state = None
-        if state is None:
-            return call(engine)
-        return self._pools.acquire(engine, state, call, for_connection)
+    def _error_counts(self) -> dict[str, int]:
+        with self._errors_lock:
+            return dict(self._errors)
+
+    def _subscriber(self) -> _hooks.Subscriber:
+        pools = self._pools
+        return _hooks.Subscriber(
+            acquire=pools.acquire,
+            session_acquiring=self._session_acquiring,
+            session_closed=self._session_closed,
+            transaction_began=pools.transaction_began,
+            transaction_committed=pools.transaction_committed,
+            transaction_rolling_back=pools.transaction_rolling_back,
+            transaction_closing=pools.transaction_closing,
+        )
 
     def _session_acquiring(
         self, session: Session, bind: Engine | Connection, frame: FrameType
@@ -243,12 +283,6 @@ class SessionMonitor:
                 self._sessions.open_orm(session, state, frame)
         except Exception:
             self._guard.failed("session_open")
-
-    def _transaction_step(self, connection: Connection, step: str) -> None:
-        try:
-            self._pools.transaction_step(connection, step)
-        except Exception:
-            self._guard.failed(f"transaction_{step}")
 
     def _session_closed(self, session: Session) -> None:
         try:

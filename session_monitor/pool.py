@@ -23,11 +23,13 @@ from ._hooks import acquiring_session
 from ._listeners import Guard, ListenerSet
 from .context import current_request
 from .leaks import LeakLog
+from .metrics import PoolSnapshot
 from .naming import pool_name_for
 from .observer import Fanout
 from .records import TrackedCheckout
 from .sessions import SessionTracker
 from .stacks import format_stack
+from .stats import PoolStats
 
 # The innermost raw_connection() of this context: when it started waiting, and whether it is
 # for a Connection (a Core or ORM session) rather than a raw DBAPI connection.
@@ -38,9 +40,9 @@ _CONNECT_STARTED = "session_monitor.connect_started"
 
 
 class PoolState:
-    """One pool name's connections: engines with the same URL share it."""
+    """One pool name's connections and counters: engines with the same URL share it."""
 
-    __slots__ = ("capacities", "checked_out", "db_system", "idle", "lock", "name")
+    __slots__ = ("capacities", "checked_out", "db_system", "idle", "lock", "name", "stats")
 
     def __init__(self, name: str, db_system: str) -> None:
         self.name = name
@@ -49,6 +51,7 @@ class PoolState:
         self.checked_out: dict[int, TrackedCheckout] = {}
         self.idle: set[int] = set()
         self.capacities: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+        self.stats = PoolStats()
 
     def will_wait(self, engine: Engine) -> bool:
         """Whether a caller arriving now finds no connection to take: it is pending."""
@@ -72,7 +75,7 @@ class PoolTracker:
     def __init__(
         self,
         sessions: SessionTracker,
-        observers: Fanout,
+        observers: Fanout | None,
         guard: Guard,
         listeners: ListenerSet,
         leak_log: LeakLog,
@@ -87,11 +90,13 @@ class PoolTracker:
         self._leak_log = leak_log
         self._every_engine = every_engine
         self._pool_name = pool_name
-        self._engines: weakref.WeakKeyDictionary[Engine, PoolState] = weakref.WeakKeyDictionary()
+        # By id() of the engine, removed when the engine is collected: one dict lookup per
+        # acquisition, where a WeakKeyDictionary would build a weak reference each time.
+        self._engines: dict[int, PoolState] = {}
         self._states: dict[str, PoolState] = {}
         self._lock = threading.Lock()
-        # Checkouts by id() of their connection proxy, which a Connection holds: the
-        # transaction hooks find a connection's checkout with one lookup.
+        # Checkouts that belong to a session, by id() of their connection proxy, which a
+        # Connection holds: the transaction hooks find a connection's checkout with one lookup.
         self.by_proxy: dict[int, TrackedCheckout] = {}
         # ... and by id() of the Connection using them, from its first transaction on: once a
         # connection is invalidated it no longer holds its proxy.
@@ -100,14 +105,14 @@ class PoolTracker:
     # -- engines -----------------------------------------------------------------------------
 
     def state_for(self, engine: Engine) -> PoolState | None:
-        state = self._engines.get(engine)
+        state = self._engines.get(id(engine))
         if state is None and self._every_engine:
             state = self.add_engine(engine)
         return state
 
     def add_engine(self, engine: Engine) -> PoolState:
         with self._lock:
-            state = self._engines.get(engine)
+            state = self._engines.get(id(engine))
             if state is not None:
                 return state
             name = self._pool_name or pool_name_for(engine.url)
@@ -115,16 +120,28 @@ class PoolTracker:
             if state is None:
                 state = self._states[name] = PoolState(name, engine.dialect.name)
             self._listen(engine, state)
-            self._engines[engine] = state
+            self._engines[id(engine)] = state
+            weakref.finalize(engine, self._engines.pop, id(engine), None)
         capacity = _capacity(engine)
-        if capacity is not None:
-            with state.lock:
-                state.capacities[engine] = capacity
-                total = sum(state.capacities.values())
-                self._emit.pool_capacity(name, total)
         with state.lock:
+            if capacity is not None:
+                state.capacities[engine] = capacity
+                state.stats.maximum = sum(state.capacities.values())
+                if self._emit is not None:
+                    self._emit.pool_capacity(name, state.stats.maximum)
             self._publish_usage(state)
         return state
+
+    def snapshot(self) -> list[PoolSnapshot]:
+        pools = []
+        for state in list(self._states.values()):
+            with state.lock:
+                pools.append(
+                    PoolSnapshot(
+                        state.name, len(state.idle), len(state.checked_out), state.stats.copy()
+                    )
+                )
+        return pools
 
     def _listen(self, engine: Engine, state: PoolState) -> None:
         failed = self._guard.failed
@@ -162,16 +179,19 @@ class PoolTracker:
 
     # -- waiting (called from the raw_connection hook) ---------------------------------------
 
-    def acquire(
-        self,
-        engine: Engine,
-        state: PoolState,
-        call: Callable[[Engine], Any],
-        for_connection: bool,
-    ) -> Any:
-        pending = state.will_wait(engine)
-        if pending:
-            self._emit.pool_pending(state.name, +1)
+    def acquire(self, engine: Engine, call: Callable[[Engine], Any], for_connection: bool) -> Any:
+        try:
+            state = self._engines.get(id(engine))
+            if state is None:
+                if not self._every_engine:
+                    return call(engine)
+                state = self.add_engine(engine)
+            pending = not state.idle and state.will_wait(engine)
+            if pending:
+                self._pending(state, +1)
+        except Exception:
+            self._guard.failed("raw_connection")
+            return call(engine)
         started = time.perf_counter()
         token = _acquisition.set((started, for_connection))
         try:
@@ -182,22 +202,34 @@ class PoolTracker:
         finally:
             _acquisition.reset(token)
             if pending:
-                self._emit.pool_pending(state.name, -1)
+                self._pending(state, -1)
+
+    def _pending(self, state: PoolState, delta: int) -> None:
+        try:
+            with state.lock:
+                state.stats.pending += delta
+            if self._emit is not None:
+                self._emit.pool_pending(state.name, delta)
+        except Exception:
+            self._guard.failed("pool_pending")
 
     def _timed_out(self, state: PoolState, waited: float) -> None:
         try:
-            orm_session = acquiring_session.get()
-            session = None if orm_session is None else self._sessions.tracked(orm_session)
-            self._emit.checkout_timed_out(state.name, waited, session)
+            with state.lock:
+                state.stats.timeouts += 1
+            if self._emit is not None:
+                orm_session = acquiring_session.get()
+                session = None if orm_session is None else self._sessions.tracked(orm_session)
+                self._emit.checkout_timed_out(state.name, waited, session)
         except Exception:
             self._guard.failed("timeout")
 
     # -- pool events -------------------------------------------------------------------------
 
     def _publish_usage(self, state: PoolState) -> None:
-        # Called under state.lock, so concurrent updates reach the gauges in order.
-        idle, used = len(state.idle), len(state.checked_out)
-        self._emit.pool_usage(state.name, idle, used)
+        # Called under state.lock, so concurrent updates reach observers' gauges in order.
+        if self._emit is not None:
+            self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
 
     def _do_connect_evt(
         self, state: PoolState, dialect: Any, record: Any, cargs: Any, cparams: Any
@@ -209,7 +241,10 @@ class PoolTracker:
         started = record.info.pop(_CONNECT_STARTED, None)
         if started is not None:
             seconds = time.perf_counter() - started
-            self._emit.connection_created(state.name, seconds)
+            with state.lock:
+                state.stats.create.observe(seconds)
+            if self._emit is not None:
+                self._emit.connection_created(state.name, seconds)
 
     def _checkout_evt(
         self, state: PoolState, dbapi_connection: Any, record: Any, proxy: Any
@@ -222,43 +257,52 @@ class PoolTracker:
             wait, for_connection = now - acquisition[0], acquisition[1]
         request = current_request.get()
         orm_session = acquiring_session.get()
-        owner = None if orm_session is None else self._sessions.tracked(orm_session)
+        owner = None if orm_session is None else orm_session.info.get(self._sessions.key)
         if owner is None and for_connection:
             # Checked out by the app through Core: the connection is the session.
             owner = self._sessions.open("connection", state, sys._getframe(), request)
         key = id(record)
-        checkout = TrackedCheckout(state.name, key, owner, request)
-        checkout.fairy_ref = weakref.ref(proxy)
+        checkout = TrackedCheckout(state.name, key, owner, request, now)
         if owner is not None:
             owner.checkouts.append(checkout)
             checkout.proxy_key = id(proxy)
             self.by_proxy[checkout.proxy_key] = checkout
+            if owner.kind == "connection" or self._emit is not None:
+                # How a Core connection dropped unclosed is told at checkin; observers may
+                # want the proxy.
+                checkout.fairy_ref = weakref.ref(proxy)
         with state.lock:
             state.checked_out[key] = checkout
             state.idle.discard(key)
+            state.stats.wait.observe(wait)
             self._publish_usage(state)
-        self._emit.connection_checked_out(checkout, wait)
+        if self._emit is not None:
+            self._emit.connection_checked_out(checkout, wait)
 
     def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        now = time.perf_counter()
         key = id(record)
         with state.lock:
             checkout = state.checked_out.pop(key, None)
             if dbapi_connection is not None:
                 state.idle.add(key)
+            if checkout is not None:
+                held = now - checkout.checked_out_at
+                state.stats.use.observe(held)
             self._publish_usage(state)
         if checkout is not None:
-            self._returned(checkout)
+            self._returned(checkout, held)
 
-    def _returned(self, checkout: TrackedCheckout) -> None:
+    def _returned(self, checkout: TrackedCheckout, held: float) -> None:
         if checkout.returned:
             return
         checkout.returned = True
-        held = checkout.held_for
         owner = checkout.owner
         if checkout.transaction_started_at is not None:
             # Still open when the pool takes it back: dropped, invalidated or detached.
             self._sessions.end_transaction(checkout, "close")
-        self._emit.connection_checked_in(checkout, held)
+        if self._emit is not None:
+            self._emit.connection_checked_in(checkout, held)
         if owner is None:
             return
         # Only this checkout's own entries: a collected proxy's id() may already be reused.
@@ -281,13 +325,17 @@ class PoolTracker:
             self._publish_usage(state)
 
     def _detach_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        now = time.perf_counter()
         key = id(record)
         with state.lock:
             checkout = state.checked_out.pop(key, None)
             state.idle.discard(key)
+            if checkout is not None:
+                held = now - checkout.checked_out_at
+                state.stats.use.observe(held)
             self._publish_usage(state)
         if checkout is not None:
-            self._returned(checkout)
+            self._returned(checkout, held)
 
     def _invalidate_evt(
         self, state: PoolState, dbapi_connection: Any, record: Any, exception: Any
@@ -305,7 +353,13 @@ class PoolTracker:
             # The connection and its transaction are gone: whatever the app does next, that
             # transaction was rolled back.
             self._sessions.end_transaction(checkout, "rollback")
-        self._emit.connection_invalidated(state.name, soft, checkout)
+        with state.lock:
+            if soft:
+                state.stats.soft_invalidated += 1
+            else:
+                state.stats.invalidated += 1
+        if self._emit is not None:
+            self._emit.connection_invalidated(state.name, soft, checkout)
 
     def report_age(self, checkout: TrackedCheckout, threshold: float) -> None:
         if checkout.owner is None:
@@ -320,26 +374,42 @@ class PoolTracker:
         )
         self._sessions.leaked(checkout.owner, "age", detail)
 
-    # -- transactions: reported by the Connection and Transaction hooks -----------------------
+    # -- transactions: called by the Connection and Transaction hooks (never raise) ---------
 
-    def transaction_step(self, connection: Connection, step: str) -> None:
-        if step == "begin":
+    def transaction_began(self, connection: Connection) -> None:
+        try:
             proxy = connection._dbapi_connection
             checkout = None if proxy is None else self.by_proxy.get(id(proxy))
             if checkout is not None:
                 self._sessions.begin_transaction(checkout)
                 checkout.connection_key = id(connection)
                 self.by_connection[id(connection)] = checkout
-            return
-        checkout = self.by_connection.get(id(connection))
-        if checkout is None or checkout.returned:
-            return
-        if step == "commit":
-            self._sessions.end_transaction(checkout, "commit")
-        elif step == "rollback":
-            closing = checkout.transaction_closing
-            self._sessions.end_transaction(checkout, "close" if closing else "rollback")
-        elif step == "close":
-            checkout.transaction_closing = checkout.transaction_started_at is not None
-        else:  # "closed": whether or not it needed a rollback
-            checkout.transaction_closing = False
+        except Exception:
+            self._guard.failed("transaction_begin")
+
+    def transaction_committed(self, connection: Connection) -> None:
+        try:
+            checkout = self.by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                self._sessions.end_transaction(checkout, "commit")
+        except Exception:
+            self._guard.failed("transaction_commit")
+
+    def transaction_rolling_back(self, connection: Connection) -> None:
+        try:
+            checkout = self.by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                outcome = "close" if checkout.transaction_closing else "rollback"
+                self._sessions.end_transaction(checkout, outcome)
+        except Exception:
+            self._guard.failed("transaction_rollback")
+
+    def transaction_closing(self, connection: Connection, closing: bool) -> None:
+        """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
+        try:
+            checkout = self.by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                open_transaction = checkout.transaction_started_at is not None
+                checkout.transaction_closing = closing and open_transaction
+        except Exception:
+            self._guard.failed("transaction_close")

@@ -10,6 +10,7 @@ from .stacks import Location
 
 if TYPE_CHECKING:
     from .context import RequestScope
+    from .stats import SessionStats
 
 SessionKind = Literal["session", "connection"]
 
@@ -33,8 +34,10 @@ class TrackedSession:
         "pool_name",
         "request",
         "route",
+        "session_ref",
         "span",
         "stack",
+        "stats",
         "transaction_count",
     )
 
@@ -48,6 +51,7 @@ class TrackedSession:
         request: RequestScope | None,
         location: Location | None,
         stack: tuple[Location, ...],
+        stats: SessionStats,
     ) -> None:
         self.kind: SessionKind = kind
         self.pool_name = pool_name
@@ -64,6 +68,9 @@ class TrackedSession:
         self.transaction_count = 0
         # Free for an observer that needs per-session state (the OpenTelemetry span).
         self.span: Any = None
+        self.stats = stats  # the counters of its (route, method)
+        # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
+        self.session_ref: weakref.ref[Any] | None = None
 
     def holds_connection_from(self, request: RequestScope) -> bool:
         return any(checkout.request is request for checkout in self.checkouts)
@@ -102,12 +109,13 @@ class TrackedCheckout:
         record_key: int,
         owner: TrackedSession | None,
         request: RequestScope | None,
+        checked_out_at: float,
     ) -> None:
         self.pool_name = pool_name
         self.record_key = record_key
         self.owner = owner
         self.request = request
-        self.checked_out_at = time.perf_counter()
+        self.checked_out_at = checked_out_at
         self.age_reported = False
         self.returned = False
         self.fairy_ref: weakref.ref[Any] | None = None

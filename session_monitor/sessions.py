@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ from .naming import NO_REQUEST
 from .observer import Fanout
 from .records import SessionKind, TrackedCheckout, TrackedSession
 from .stacks import application_location, application_stack
+from .stats import SessionStats
 
 if TYPE_CHECKING:
     from .pool import PoolState
@@ -35,23 +35,31 @@ class SessionTracker:
     def __init__(
         self,
         config: MonitorConfig,
-        observers: Fanout,
+        observers: Fanout | None,
         guard: Guard,
         leak_log: LeakLog,
     ) -> None:
         self._config = config
-        self._emit = observers
+        self._emit = observers  # None when the metrics are all there is: no call at all
         self._guard = guard
         self._leak_log = leak_log
         # The key under which this monitor keeps its record in `Session.info`.
         self.key = object()
-        # Weak references to open ORM sessions: their callbacks report sessions dropped unclosed.
-        self._live: dict[int, weakref.ref[Session]] = {}
+        # Open ORM sessions by id() of their weak reference (`TrackedSession.session_ref`);
+        # one bound method serves as every reference's callback.
+        self._live: dict[int, TrackedSession] = {}
+        self._collected_callback = self._collected
+        # Guards the counters and each record's closed and leak_reason.
         self._lock = threading.Lock()
+        self._stats: dict[tuple[str, str], SessionStats] = {}
 
     @property
     def live_sessions(self) -> int:
         return len(self._live)
+
+    def snapshot(self) -> dict[tuple[str, str], SessionStats]:
+        with self._lock:
+            return {key: stats.copy() for key, stats in self._stats.items()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -60,45 +68,47 @@ class SessionTracker:
         kind: SessionKind,
         pool: PoolState,
         frame: FrameType | None,
-        request: RequestScope | None = None,
+        request: RequestScope | None,
     ) -> TrackedSession:
-        if request is None:
-            request = current_request.get()
         if self._config.capture_stacks:
             stack = application_stack(frame, self._config.stack_depth)
             location = stack[0] if stack else None
         else:
             stack = ()
             location = application_location(frame)
-        if request is None:
-            route = method = NO_REQUEST
-        else:
-            route, method = request.route, request.method
+        key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
+        with self._lock:
+            stats = self._stats.get(key)
+            if stats is None:
+                stats = self._stats[key] = SessionStats()
+            stats.opened += 1
         session = TrackedSession(
-            kind, pool.name, pool.db_system, route, method, request, location, stack
+            kind, pool.name, pool.db_system, key[0], key[1], request, location, stack, stats
         )
         if request is not None:
             request.sessions.append(session)
-        self._emit.session_opened(session)
+        if self._emit is not None:
+            self._emit.session_opened(session)
         return session
 
     def open_orm(self, orm_session: Session, pool: PoolState, frame: FrameType) -> None:
-        tracked = self.open("session", pool, frame)
+        tracked = self.open("session", pool, frame, current_request.get())
         orm_session.info[self.key] = tracked
-        self._live[id(tracked)] = weakref.ref(orm_session, self._collector_for(tracked))
+        # The record keeps its reference alive, so the id() stays unique while it is listed.
+        tracked.session_ref = weakref.ref(orm_session, self._collected_callback)
+        self._live[id(tracked.session_ref)] = tracked
 
     def tracked(self, orm_session: Session) -> TrackedSession | None:
         info: dict[Any, Any] | None = orm_session.__dict__.get("info")
         return None if info is None else info.get(self.key)
 
-    def _collector_for(self, tracked: TrackedSession) -> Callable[[object], None]:
-        def collected(_: object) -> None:
-            try:
+    def _collected(self, ref: weakref.ref[Session]) -> None:
+        try:
+            tracked = self._live.get(id(ref))
+            if tracked is not None:
                 self.close(tracked, collected=True)
-            except Exception:
-                self._guard.failed("session_collected")
-
-        return collected
+        except Exception:
+            self._guard.failed("session_collected")
 
     def close_orm(self, orm_session: Session) -> None:
         info: dict[Any, Any] | None = orm_session.__dict__.get("info")
@@ -111,7 +121,8 @@ class SessionTracker:
             if tracked.closed:
                 return
             tracked.closed = True
-        self._live.pop(id(tracked), None)
+        if tracked.session_ref is not None:
+            self._live.pop(id(tracked.session_ref), None)
         for checkout in tracked.checkouts:
             # Dropped with a transaction open: it ended with the session, whichever of the two
             # the garbage collector reached first.
@@ -120,14 +131,21 @@ class SessionTracker:
         if collected:
             self.leaked(tracked, "gc")
         duration = time.perf_counter() - tracked.opened_at
-        self._emit.session_closed(tracked, duration)
+        with self._lock:
+            tracked.stats.closed += 1
+            tracked.stats.duration.observe(duration)
+        if self._emit is not None:
+            self._emit.session_closed(tracked, duration)
 
     def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
         with self._lock:
             if tracked.leak_reason is not None:
                 return
             tracked.leak_reason = reason
-        self._emit.session_leaked(tracked, reason)
+            leaked = tracked.stats.leaked
+            leaked[reason] = leaked.get(reason, 0) + 1
+        if self._emit is not None:
+            self._emit.session_leaked(tracked, reason)
         self._leak_log.leaked(tracked, reason, detail)
 
     def request_finished(self, request: RequestScope) -> None:
@@ -141,7 +159,7 @@ class SessionTracker:
                 self.leaked(tracked, "request_end")
         request.sessions.clear()
 
-    # -- transactions: one per connection, from the Connection hooks and the pool's reset ----
+    # -- transactions: one per connection, from the Connection and Transaction hooks ---------
 
     def begin_transaction(self, checkout: TrackedCheckout) -> None:
         if checkout.transaction_started_at is not None:
@@ -157,5 +175,11 @@ class SessionTracker:
             return
         checkout.transaction_started_at = None
         checkout.transaction_closing = False
-        if checkout.owner is not None:
-            self._emit.transaction_ended(checkout.owner, outcome, time.perf_counter() - started)
+        owner = checkout.owner
+        if owner is None:
+            return
+        duration = time.perf_counter() - started
+        with self._lock:
+            owner.stats.transaction_ended(outcome, duration)
+        if self._emit is not None:
+            self._emit.transaction_ended(owner, outcome, duration)

@@ -35,9 +35,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
-from .metrics import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE
 from .stacks import format_stack
+from .stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider

@@ -459,8 +459,11 @@ def test_gc_leak_outside_a_request_is_a_child_of_the_current_span(stack: Stack, 
     leaked = span_event(span, "session.leaked")
     assert leaked["session_monitor.leak.reason"] == "gc"
     assert leaked["code.function.name"] == "drop_unclosed_session"
-    # The transaction the collector ended comes before the leak, in the span's own order.
-    assert event_names(span)[-2:] == ["close", "session.leaked"]
+    # The transaction the collector ended comes before the leak, which ends the span. Whether the
+    # session or its connection proxy is collected first is up to the garbage collector.
+    names = event_names(span)
+    assert names[-1] == "session.leaked"
+    assert "close" in names[:-1]
 
 
 def test_age_leak_ends_the_span_from_the_watcher_thread_and_later_events_are_ignored(
@@ -858,7 +861,7 @@ def test_opentelemetry_off_builds_no_observer(
 ) -> None:
     engine = make_engine(sqlite_url)
     default = make_monitor(engine, registry=CollectorRegistry())
-    assert default.observers == (default.metrics,)
+    assert default.observers == ()
     default.uninstrument()
     # Providers given but switched off explicitly: still nothing.
     off = make_monitor(
@@ -868,7 +871,7 @@ def test_opentelemetry_off_builds_no_observer(
         tracer_provider=otel.tracer_provider,
         meter_provider=otel.meter_provider,
     )
-    assert off.observers == (off.metrics,)
+    assert off.observers == ()
     with Session(engine) as session:
         session.execute(select(1))
     assert otel.spans() == []

@@ -1,0 +1,110 @@
+"""What the monitor counts, kept as plain Python numbers until Prometheus asks for them.
+
+An event costs an integer increment or a bucket search here, a fraction of a prometheus_client
+update (a lock, an observability check and a value object per call); the metric families are
+built from these numbers at scrape time (`metrics.PrometheusCollector`). Nothing here is
+thread-safe on its own: every update and every read happens under the lock of its owner (the
+session tracker's lock for sessions, the pool's lock for pools).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+HOLD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+CREATE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Histogram:
+    """Bucket counts with Prometheus's `le` semantics: a value equal to a bound is in its bucket."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def copy(self) -> Histogram:
+        copied = Histogram(self.bounds)
+        copied.counts = self.counts.copy()
+        copied.sum = self.sum
+        return copied
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Cumulative bucket counts (the last is the total count) and the sum."""
+        cumulative, running = [], 0
+        for count in self.counts:
+            running += count
+            cumulative.append(running)
+        return cumulative, self.sum
+
+
+class SessionStats:
+    """The sessions of one (route, method)."""
+
+    __slots__ = ("closed", "duration", "leaked", "opened", "transactions")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.duration = Histogram(HOLD_BUCKETS)
+        self.leaked: dict[str, int] = {}
+        # By outcome; a histogram's count is the number of transactions.
+        self.transactions: dict[str, Histogram] = {}
+
+    def transaction_ended(self, outcome: str, duration: float) -> None:
+        histogram = self.transactions.get(outcome)
+        if histogram is None:
+            histogram = self.transactions[outcome] = Histogram(HOLD_BUCKETS)
+        histogram.observe(duration)
+
+    def copy(self) -> SessionStats:
+        copied = SessionStats()
+        copied.opened, copied.closed = self.opened, self.closed
+        copied.duration = self.duration.copy()
+        copied.leaked = self.leaked.copy()
+        copied.transactions = {k: v.copy() for k, v in self.transactions.items()}
+        return copied
+
+
+class PoolStats:
+    """The counted events of one pool name (its idle and used connections are sets in PoolState)."""
+
+    __slots__ = (
+        "create",
+        "invalidated",
+        "maximum",
+        "pending",
+        "soft_invalidated",
+        "timeouts",
+        "use",
+        "wait",
+    )
+
+    def __init__(self) -> None:
+        self.wait = Histogram(WAIT_BUCKETS)
+        self.use = Histogram(HOLD_BUCKETS)
+        self.create = Histogram(CREATE_BUCKETS)
+        self.timeouts = 0
+        self.invalidated = 0
+        self.soft_invalidated = 0
+        self.pending = 0
+        self.maximum: int | None = None
+
+    def copy(self) -> PoolStats:
+        copied = PoolStats()
+        copied.wait, copied.use = self.wait.copy(), self.use.copy()
+        copied.create = self.create.copy()
+        copied.timeouts, copied.pending, copied.maximum = self.timeouts, self.pending, self.maximum
+        copied.invalidated, copied.soft_invalidated = self.invalidated, self.soft_invalidated
+        return copied

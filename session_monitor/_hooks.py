@@ -35,7 +35,9 @@ from sqlalchemy.orm import Session, SessionTransaction
 class Subscriber(NamedTuple):
     """What one monitor has the hooks call; each of these guards itself and never raises."""
 
-    acquire: Callable[..., Any]  # (engine, call, for_connection) -> connection
+    # (engine, call, opening_frame) -> what call(engine) returns; opening_frame is the frame of
+    # the Connection being opened, None for a raw DBAPI connection.
+    acquire: Callable[..., Any]
     session_acquiring: Callable[[Session, Any, FrameType], None]
     session_closed: Callable[[Session], None]
     transaction_began: Callable[[Connection], None]
@@ -121,13 +123,14 @@ _orig_transaction_close: Any = Transaction.close
 def _raw_connection(self: Engine) -> Any:
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
     # connection, which is no session.
-    for_connection = sys._getframe(1).f_code is _CONNECTION_INIT
+    caller = sys._getframe(1)
+    opening = caller if caller.f_code is _CONNECTION_INIT else None
     subscribers = _subscribers
     if len(subscribers) == 1:
-        return subscribers[0].acquire(self, _orig_raw_connection, for_connection)
+        return subscribers[0].acquire(self, _orig_raw_connection, opening)
     call: Callable[[Engine], Any] = _orig_raw_connection
     for subscriber in subscribers:
-        call = functools.partial(subscriber.acquire, call=call, for_connection=for_connection)
+        call = functools.partial(subscriber.acquire, call=call, opening=opening)
     return call(self)
 
 

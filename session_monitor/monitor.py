@@ -264,7 +264,7 @@ class SessionMonitor:
         return _hooks.Subscriber(
             acquire=pools.acquire,
             session_acquiring=self._session_acquiring,
-            session_closed=self._session_closed,
+            session_closed=self._sessions.close_orm,
             transaction_began=pools.transaction_began,
             transaction_committed=pools.transaction_committed,
             transaction_rolling_back=pools.transaction_rolling_back,
@@ -275,20 +275,16 @@ class SessionMonitor:
         self, session: Session, bind: Engine | Connection, frame: FrameType
     ) -> None:
         try:
-            tracked = self._sessions.tracked(session)
-            if tracked is not None and not tracked.closed:
-                return
+            info: dict[Any, Any] | None = session.__dict__.get("info")
+            if info is not None:
+                tracked = info.get(self._sessions.key)
+                if tracked is not None and not tracked.closed:
+                    return
             state = self._pools.state_for(bind.engine)
             if state is not None:
                 self._sessions.open_orm(session, state, frame)
         except Exception:
             self._guard.failed("session_open")
-
-    def _session_closed(self, session: Session) -> None:
-        try:
-            self._sessions.close_orm(session)
-        except Exception:
-            self._guard.failed("session_close")
 
     def _request_finished(self, request: RequestScope) -> None:
         try:

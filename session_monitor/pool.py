@@ -7,12 +7,12 @@ repeated event can never drive a gauge negative. Each listener is a few lines.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import exc
@@ -31,9 +31,9 @@ from .sessions import SessionTracker
 from .stacks import format_stack
 from .stats import PoolStats
 
-# The innermost raw_connection() of this context: when it started waiting, and whether it is
-# for a Connection (a Core or ORM session) rather than a raw DBAPI connection.
-_acquisition: ContextVar[tuple[float, bool] | None] = ContextVar(
+# The innermost raw_connection() of this context: when it started waiting, and the frame of the
+# Connection (a Core or ORM session) it is for; None for a raw DBAPI connection.
+_acquisition: ContextVar[tuple[float, FrameType | None] | None] = ContextVar(
     "session_monitor_acquisition", default=None
 )
 _CONNECT_STARTED = "session_monitor.connect_started"
@@ -129,7 +129,8 @@ class PoolTracker:
                 state.stats.maximum = sum(state.capacities.values())
                 if self._emit is not None:
                     self._emit.pool_capacity(name, state.stats.maximum)
-            self._publish_usage(state)
+            if self._emit is not None:
+                self._publish_usage(state)
         return state
 
     def snapshot(self) -> list[PoolSnapshot]:
@@ -179,7 +180,9 @@ class PoolTracker:
 
     # -- waiting (called from the raw_connection hook) ---------------------------------------
 
-    def acquire(self, engine: Engine, call: Callable[[Engine], Any], for_connection: bool) -> Any:
+    def acquire(
+        self, engine: Engine, call: Callable[[Engine], Any], opening: FrameType | None
+    ) -> Any:
         try:
             state = self._engines.get(id(engine))
             if state is None:
@@ -193,7 +196,7 @@ class PoolTracker:
             self._guard.failed("raw_connection")
             return call(engine)
         started = time.perf_counter()
-        token = _acquisition.set((started, for_connection))
+        token = _acquisition.set((started, opening))
         try:
             return call(engine)
         except exc.TimeoutError:
@@ -228,8 +231,8 @@ class PoolTracker:
 
     def _publish_usage(self, state: PoolState) -> None:
         # Called under state.lock, so concurrent updates reach observers' gauges in order.
-        if self._emit is not None:
-            self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
+        assert self._emit is not None
+        self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
 
     def _do_connect_evt(
         self, state: PoolState, dialect: Any, record: Any, cargs: Any, cparams: Any
@@ -252,15 +255,16 @@ class PoolTracker:
         now = time.perf_counter()
         acquisition = _acquisition.get()
         if acquisition is None:  # Pool.connect() called directly
-            wait, for_connection = 0.0, False
+            wait, opening = 0.0, None
         else:
-            wait, for_connection = now - acquisition[0], acquisition[1]
+            wait, opening = now - acquisition[0], acquisition[1]
         request = current_request.get()
         orm_session = acquiring_session.get()
         owner = None if orm_session is None else orm_session.info.get(self._sessions.key)
-        if owner is None and for_connection:
-            # Checked out by the app through Core: the connection is the session.
-            owner = self._sessions.open("connection", state, sys._getframe(), request)
+        if owner is None and opening is not None:
+            # Checked out by the app through Core: the connection is the session. Its
+            # application frame is above the Connection being opened, not the pool's frames.
+            owner = self._sessions.open("connection", state, opening.f_back, request)
         key = id(record)
         checkout = TrackedCheckout(state.name, key, owner, request, now)
         if owner is not None:
@@ -275,7 +279,8 @@ class PoolTracker:
             state.checked_out[key] = checkout
             state.idle.discard(key)
             state.stats.wait.observe(wait)
-            self._publish_usage(state)
+            if self._emit is not None:
+                self._publish_usage(state)
         if self._emit is not None:
             self._emit.connection_checked_out(checkout, wait)
 
@@ -289,7 +294,8 @@ class PoolTracker:
             if checkout is not None:
                 held = now - checkout.checked_out_at
                 state.stats.use.observe(held)
-            self._publish_usage(state)
+            if self._emit is not None:
+                self._publish_usage(state)
         if checkout is not None:
             self._returned(checkout, held)
 
@@ -322,7 +328,8 @@ class PoolTracker:
     def _close_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
         with state.lock:
             state.idle.discard(id(record))
-            self._publish_usage(state)
+            if self._emit is not None:
+                self._publish_usage(state)
 
     def _detach_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
         now = time.perf_counter()
@@ -333,7 +340,8 @@ class PoolTracker:
             if checkout is not None:
                 held = now - checkout.checked_out_at
                 state.stats.use.observe(held)
-            self._publish_usage(state)
+            if self._emit is not None:
+                self._publish_usage(state)
         if checkout is not None:
             self._returned(checkout, held)
 

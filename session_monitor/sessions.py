@@ -111,16 +111,23 @@ class SessionTracker:
             self._guard.failed("session_collected")
 
     def close_orm(self, orm_session: Session) -> None:
-        info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-        tracked = None if info is None else info.pop(self.key, None)
-        if tracked is not None:
-            self.close(tracked)
+        """Called by the Session close hook: never raises."""
+        try:
+            info: dict[Any, Any] | None = orm_session.__dict__.get("info")
+            tracked = None if info is None else info.pop(self.key, None)
+            if tracked is not None:
+                self.close(tracked)
+        except Exception:
+            self._guard.failed("session_close")
 
     def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
+        duration = time.perf_counter() - tracked.opened_at
         with self._lock:
             if tracked.closed:
                 return
             tracked.closed = True
+            tracked.stats.closed += 1
+            tracked.stats.duration.observe(duration)
         if tracked.session_ref is not None:
             self._live.pop(id(tracked.session_ref), None)
         for checkout in tracked.checkouts:
@@ -130,10 +137,6 @@ class SessionTracker:
                 self.end_transaction(checkout, "close")
         if collected:
             self.leaked(tracked, "gc")
-        duration = time.perf_counter() - tracked.opened_at
-        with self._lock:
-            tracked.stats.closed += 1
-            tracked.stats.duration.observe(duration)
         if self._emit is not None:
             self._emit.session_closed(tracked, duration)
 

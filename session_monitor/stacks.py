@@ -74,9 +74,11 @@ def _library_file(filename: str) -> bool:
 def application_location(frame: FrameType | None) -> Location | None:
     """Return the innermost application frame at or above `frame`."""
     crossed = False
+    known = _is_library.get
     while frame is not None:
         code = frame.f_code
-        if not _library_file(code.co_filename):
+        library = known(code.co_filename)
+        if not (_library_file(code.co_filename) if library is None else library):
             return (code.co_filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
         if frame is None and not crossed:

@@ -130,6 +130,8 @@ class SessionTracker:
             tracked.stats.duration.observe(duration)
         if tracked.session_ref is not None:
             self._live.pop(id(tracked.session_ref), None)
+            # Dropping the reference drops its callback: a closed session dies unobserved.
+            tracked.session_ref = None
         for checkout in tracked.checkouts:
             # Dropped with a transaction open: it ended with the session, whichever of the two
             # the garbage collector reached first.

@@ -379,3 +379,53 @@ async def test_listener_failure_is_counted_and_the_request_succeeds(
     assert route_count(registry, "sqlalchemy_sessions_opened_total", "/items") == 3
     assert route_count(registry, "sqlalchemy_transactions_total", "/items", outcome="commit") == 6
     assert_balanced(registry)
+
+
+async def test_scrape_time_collector_equals_prometheus_client_metrics(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    """The default exporter and the multiprocess one print the same series for the same events."""
+    from fastapi import Request
+    from fastapi.responses import PlainTextResponse
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from session_monitor.metrics import PrometheusMetrics
+
+    engine = make_engine(sqlite_url, pool_size=2, max_overflow=0, pool_timeout=0.3)
+    test_app = build_app(engine)
+    app = test_app.app
+
+    @app.exception_handler(PoolTimeout)
+    async def pool_timeout(request: Request, exc: PoolTimeout) -> PlainTextResponse:
+        return PlainTextResponse("pool exhausted", status_code=503)
+
+    pushed = CollectorRegistry()
+    monitor = make_monitor(engine, registry=registry, observers=[PrometheusMetrics(pushed)])
+    monitor.instrument_app(app)
+    async with client(app) as http:
+        for n in range(3):
+            await http.post("/items", params={"name": f"n{n}"})
+        await http.post("/items/fail", params={"name": "x"})
+        await http.get("/core")
+        await http.get("/leak")
+        await asyncio.gather(*(http.get("/hold", params={"seconds": 0.5}) for _ in range(4)))
+    for session in test_app.leaked:
+        session.close()
+
+    def series(source: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in source.collect()
+            for s in metric.samples
+            if not s.name.endswith("_created")
+        }
+
+    collected, by_client = series(registry), series(pushed)
+    assert collected.keys() == by_client.keys()
+    for key, value in collected.items():
+        assert value == pytest.approx(by_client[key], rel=1e-9, abs=1e-12), key
+    assert total(registry, "db_client_connection_timeouts_total") >= 1
+    assert total(registry, "sqlalchemy_sessions_leaked_total") == 1

@@ -49,7 +49,8 @@ class PoolState:
         self.db_system = db_system
         self.lock = threading.RLock()  # RLock: garbage-collection callbacks may re-enter
         self.checked_out: dict[int, TrackedCheckout] = {}
-        self.idle: set[int] = set()
+        # Record ids; a dict, not a set, so the lock's sections can use `del` instead of calls.
+        self.idle: dict[int, None] = {}
         self.capacities: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
         self.stats = PoolStats()
 
@@ -244,8 +245,11 @@ class PoolTracker:
         started = record.info.pop(_CONNECT_STARTED, None)
         if started is not None:
             seconds = time.perf_counter() - started
+            histogram = state.stats.create
+            bucket = histogram.bucket(seconds)
             with state.lock:
-                state.stats.create.observe(seconds)
+                histogram.counts[bucket] += 1
+                histogram.sum += seconds
             if self._emit is not None:
                 self._emit.connection_created(state.name, seconds)
 
@@ -275,10 +279,15 @@ class PoolTracker:
                 # How a Core connection dropped unclosed is told at checkin; observers may
                 # want the proxy.
                 checkout.fairy_ref = weakref.ref(proxy)
+        histogram = state.stats.wait
+        bucket = histogram.bucket(wait)
+        idle = state.idle
         with state.lock:
             state.checked_out[key] = checkout
-            state.idle.discard(key)
-            state.stats.wait.observe(wait)
+            if key in idle:
+                del idle[key]
+            histogram.counts[bucket] += 1
+            histogram.sum += wait
             if self._emit is not None:
                 self._publish_usage(state)
         if self._emit is not None:
@@ -287,17 +296,28 @@ class PoolTracker:
     def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
         now = time.perf_counter()
         key = id(record)
+        checked_out = state.checked_out
+        checkout = checked_out.get(key)
+        if checkout is None:
+            with state.lock:
+                if dbapi_connection is not None:
+                    state.idle[key] = None
+                if self._emit is not None:
+                    self._publish_usage(state)
+            return
+        held = now - checkout.checked_out_at
+        histogram = state.stats.use
+        bucket = histogram.bucket(held)
         with state.lock:
-            checkout = state.checked_out.pop(key, None)
+            if key in checked_out:
+                del checked_out[key]
             if dbapi_connection is not None:
-                state.idle.add(key)
-            if checkout is not None:
-                held = now - checkout.checked_out_at
-                state.stats.use.observe(held)
+                state.idle[key] = None
+            histogram.counts[bucket] += 1
+            histogram.sum += held
             if self._emit is not None:
                 self._publish_usage(state)
-        if checkout is not None:
-            self._returned(checkout, held)
+        self._returned(checkout, held)
 
     def _returned(self, checkout: TrackedCheckout, held: float) -> None:
         if checkout.returned:
@@ -326,8 +346,10 @@ class PoolTracker:
             self._sessions.close(owner, collected=checkout.collected)
 
     def _close_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        key = id(record)
         with state.lock:
-            state.idle.discard(id(record))
+            if key in state.idle:
+                del state.idle[key]
             if self._emit is not None:
                 self._publish_usage(state)
 
@@ -336,10 +358,11 @@ class PoolTracker:
         key = id(record)
         with state.lock:
             checkout = state.checked_out.pop(key, None)
-            state.idle.discard(key)
+            state.idle.pop(key, None)
             if checkout is not None:
                 held = now - checkout.checked_out_at
-                state.stats.use.observe(held)
+                state.stats.use.counts[state.stats.use.bucket(held)] += 1
+                state.stats.use.sum += held
             if self._emit is not None:
                 self._publish_usage(state)
         if checkout is not None:

@@ -25,7 +25,7 @@ from .naming import NO_REQUEST
 from .observer import Fanout
 from .records import SessionKind, TrackedCheckout, TrackedSession
 from .stacks import application_location, application_stack
-from .stats import SessionStats
+from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
 if TYPE_CHECKING:
     from .pool import PoolState
@@ -49,8 +49,9 @@ class SessionTracker:
         # one bound method serves as every reference's callback.
         self._live: dict[int, TrackedSession] = {}
         self._collected_callback = self._collected
-        # Guards the counters and each record's closed and leak_reason.
-        self._lock = threading.Lock()
+        # Guards the counters and each record's closed and leak_reason. Reentrant: a garbage
+        # collection during a snapshot's copies may close a collected session.
+        self._lock = threading.RLock()
         self._stats: dict[tuple[str, str], SessionStats] = {}
 
     @property
@@ -77,10 +78,12 @@ class SessionTracker:
             stack = ()
             location = application_location(frame)
         key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
+        stats = self._stats.get(key)
+        if stats is None:
+            new = SessionStats()
+            with self._lock:
+                stats = self._stats.setdefault(key, new)
         with self._lock:
-            stats = self._stats.get(key)
-            if stats is None:
-                stats = self._stats[key] = SessionStats()
             stats.opened += 1
         session = TrackedSession(
             kind, pool.name, pool.db_system, key[0], key[1], request, location, stack, stats
@@ -122,12 +125,16 @@ class SessionTracker:
 
     def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
         duration = time.perf_counter() - tracked.opened_at
+        stats = tracked.stats
+        histogram = stats.duration
+        bucket = histogram.bucket(duration)
         with self._lock:
             if tracked.closed:
                 return
             tracked.closed = True
-            tracked.stats.closed += 1
-            tracked.stats.duration.observe(duration)
+            stats.closed += 1
+            histogram.counts[bucket] += 1
+            histogram.sum += duration
         if tracked.session_ref is not None:
             self._live.pop(id(tracked.session_ref), None)
             # Dropping the reference drops its callback: a closed session dies unobserved.
@@ -148,7 +155,7 @@ class SessionTracker:
                 return
             tracked.leak_reason = reason
             leaked = tracked.stats.leaked
-            leaked[reason] = leaked.get(reason, 0) + 1
+            leaked[reason] = leaked.get(reason, 0) + 1  # rare: a call here is fine
         if self._emit is not None:
             self._emit.session_leaked(tracked, reason)
         self._leak_log.leaked(tracked, reason, detail)
@@ -184,7 +191,15 @@ class SessionTracker:
         if owner is None:
             return
         duration = time.perf_counter() - started
+        by_outcome = owner.stats.transactions
+        histogram = by_outcome.get(outcome)
+        if histogram is None:
+            new = Histogram(HOLD_BUCKETS)
+            with self._lock:
+                histogram = by_outcome.setdefault(outcome, new)
+        bucket = histogram.bucket(duration)
         with self._lock:
-            owner.stats.transaction_ended(outcome, duration)
+            histogram.counts[bucket] += 1
+            histogram.sum += duration
         if self._emit is not None:
             self._emit.transaction_ended(owner, outcome, duration)

@@ -5,6 +5,12 @@ update (a lock, an observability check and a value object per call); the metric 
 built from these numbers at scrape time (`metrics.PrometheusCollector`). Nothing here is
 thread-safe on its own: every update and every read happens under the lock of its owner (the
 session tracker's lock for sessions, the pool's lock for pools).
+
+Those critical sections make no calls and allocate nothing; the bucket is found before the lock
+is taken (`Histogram.bucket`), new objects are made outside it. Under the GIL, a thread switches
+only at a call or a loop, so a thread never stops while holding the lock and the others never
+queue on it (a convoy that cost 8 % of req/s with 8 concurrent requests); and no allocation can
+start a garbage collection whose weak-reference callbacks would need the same lock.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def bucket(self, value: float) -> int:
+        """The index to count `value` in: `counts[index] += 1; sum += value`, under the lock."""
+        return bisect_left(self.bounds, value)
 
     @property
     def count(self) -> int:
@@ -61,12 +67,6 @@ class SessionStats:
         self.leaked: dict[str, int] = {}
         # By outcome; a histogram's count is the number of transactions.
         self.transactions: dict[str, Histogram] = {}
-
-    def transaction_ended(self, outcome: str, duration: float) -> None:
-        histogram = self.transactions.get(outcome)
-        if histogram is None:
-            histogram = self.transactions[outcome] = Histogram(HOLD_BUCKETS)
-        histogram.observe(duration)
 
     def copy(self) -> SessionStats:
         copied = SessionStats()

@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import http_load, memory, micro, scale
+from . import asgi, http_load, memory, micro, scale
 from .common import Table, Target
 from .variants import available
 
-SECTIONS = ("micro", "http", "scale", "memory")
+SECTIONS = ("micro", "http", "asgi", "scale", "memory")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = (
     "sqlalchemy",
@@ -213,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             show("http", new)
             targets += found
+        if "asgi" in sections:
+            show("asgi", asgi.run(asgi.QUICK if quick else asgi.FULL, workdir, _progress))
         if "scale" in sections:
             new, found = scale.run(scale.QUICK if quick else scale.FULL, db_path, _progress)
             show("scale", new)

@@ -121,6 +121,14 @@ def test_memory_table(run: Run) -> None:
     assert VERDICT.search(row[7])
 
 
+def test_asgi_table(run: Run) -> None:
+    rows = run.table("asgi: GET")
+    assert [int(row[0]) for row in rows] == [1, 8]
+    for row in rows:
+        _numbers(row[1], row[2])
+        assert DELTA.match(row[3]) and RATIO.match(row[4]), row
+
+
 def test_http_tables(run: Run) -> None:
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed: the HTTP benchmark needs it (apt-get install wrk)")

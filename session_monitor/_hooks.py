@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 class Subscriber(NamedTuple):
     """What one monitor has the hooks call; each of these guards itself and never raises."""
 
+    owner: object  # the monitor, which unsubscribes by itself
     # (engine, call, opening_frame) -> what call(engine) returns; opening_frame is the frame of
     # the Connection being opened, None for a raw DBAPI connection.
     acquire: Callable[..., Any]
@@ -54,31 +55,31 @@ acquiring_session: ContextVar[Session | None] = ContextVar(
 _CONNECTION_INIT = Connection.__init__.__code__
 
 _subscribers: tuple[Subscriber, ...] = ()
-_owners: tuple[object, ...] = ()
 _lock = threading.Lock()
 _originals: dict[tuple[type, str], Any] = {}
 
 
-def subscribe(owner: object, subscriber: Subscriber) -> None:
-    global _subscribers, _owners
+def subscribed(owner: object) -> bool:
+    return any(subscriber.owner is owner for subscriber in _subscribers)
+
+
+def subscribe(subscriber: Subscriber) -> None:
+    global _subscribers
     with _lock:
-        if owner in _owners:
+        if subscribed(subscriber.owner):
             return
-        if not _owners:
+        if not _subscribers:
             _install()
-        _owners = (*_owners, owner)
         _subscribers = (*_subscribers, subscriber)
 
 
 def unsubscribe(owner: object) -> None:
-    global _subscribers, _owners
+    global _subscribers
     with _lock:
-        if owner not in _owners:
+        if not subscribed(owner):
             return
-        index = _owners.index(owner)
-        _owners = _owners[:index] + _owners[index + 1 :]
-        _subscribers = _subscribers[:index] + _subscribers[index + 1 :]
-        if not _owners:
+        _subscribers = tuple(s for s in _subscribers if s.owner is not owner)
+        if not _subscribers:
             _uninstall()
 
 

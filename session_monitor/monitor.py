@@ -207,7 +207,7 @@ class SessionMonitor:
                 self._guard.failed,
             )
             self._age_watcher.start()
-        _hooks.subscribe(self, self._subscriber())
+        _hooks.subscribe(self._subscriber())
         self.instrumented = True
 
     def instrument_app(self, app: Any) -> Any:
@@ -262,6 +262,7 @@ class SessionMonitor:
     def _subscriber(self) -> _hooks.Subscriber:
         pools = self._pools
         return _hooks.Subscriber(
+            owner=self,
             acquire=pools.acquire,
             session_acquiring=self._session_acquiring,
             session_closed=self._sessions.close_orm,
@@ -275,11 +276,9 @@ class SessionMonitor:
         self, session: Session, bind: Engine | Connection, frame: FrameType
     ) -> None:
         try:
-            info: dict[Any, Any] | None = session.__dict__.get("info")
-            if info is not None:
-                tracked = info.get(self._sessions.key)
-                if tracked is not None and not tracked.closed:
-                    return
+            tracked = self._sessions.tracked(session)
+            if tracked is not None and not tracked.closed:
+                return
             state = self._pools.state_for(bind.engine)
             if state is not None:
                 self._sessions.open_orm(session, state, frame)

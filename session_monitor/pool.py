@@ -185,12 +185,10 @@ class PoolTracker:
         self, engine: Engine, call: Callable[[Engine], Any], opening: FrameType | None
     ) -> Any:
         try:
-            state = self._engines.get(id(engine))
+            state = self.state_for(engine)
             if state is None:
-                if not self._every_engine:
-                    return call(engine)
-                state = self.add_engine(engine)
-            pending = not state.idle and state.will_wait(engine)
+                return call(engine)
+            pending = state.will_wait(engine)
             if pending:
                 self._pending(state, +1)
         except Exception:
@@ -294,30 +292,31 @@ class PoolTracker:
             self._emit.connection_checked_out(checkout, wait)
 
     def _checkin_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
+        # Without a DBAPI connection (invalidated) nothing goes back to the idle connections.
+        self._taken_back(state, id(record), idle=dbapi_connection is not None)
+
+    def _taken_back(self, state: PoolState, key: int, *, idle: bool) -> None:
+        """The pool has a connection back (checkin) or lets it go (detach): count its use."""
         now = time.perf_counter()
-        key = id(record)
-        checked_out = state.checked_out
+        checked_out, idle_connections = state.checked_out, state.idle
         checkout = checked_out.get(key)
-        if checkout is None:
-            with state.lock:
-                if dbapi_connection is not None:
-                    state.idle[key] = None
-                if self._emit is not None:
-                    self._publish_usage(state)
-            return
-        held = now - checkout.checked_out_at
+        held = 0.0 if checkout is None else now - checkout.checked_out_at
         histogram = state.stats.use
         bucket = histogram.bucket(held)
         with state.lock:
             if key in checked_out:
                 del checked_out[key]
-            if dbapi_connection is not None:
-                state.idle[key] = None
-            histogram.counts[bucket] += 1
-            histogram.sum += held
+            if idle:
+                idle_connections[key] = None
+            elif key in idle_connections:
+                del idle_connections[key]
+            if checkout is not None:
+                histogram.counts[bucket] += 1
+                histogram.sum += held
             if self._emit is not None:
                 self._publish_usage(state)
-        self._returned(checkout, held)
+        if checkout is not None:
+            self._returned(checkout, held)
 
     def _returned(self, checkout: TrackedCheckout, held: float) -> None:
         if checkout.returned:
@@ -354,19 +353,7 @@ class PoolTracker:
                 self._publish_usage(state)
 
     def _detach_evt(self, state: PoolState, dbapi_connection: Any, record: Any) -> None:
-        now = time.perf_counter()
-        key = id(record)
-        with state.lock:
-            checkout = state.checked_out.pop(key, None)
-            state.idle.pop(key, None)
-            if checkout is not None:
-                held = now - checkout.checked_out_at
-                state.stats.use.counts[state.stats.use.bucket(held)] += 1
-                state.stats.use.sum += held
-            if self._emit is not None:
-                self._publish_usage(state)
-        if checkout is not None:
-            self._returned(checkout, held)
+        self._taken_back(state, id(record), idle=False)
 
     def _invalidate_evt(
         self, state: PoolState, dbapi_connection: Any, record: Any, exception: Any

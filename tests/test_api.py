@@ -160,13 +160,13 @@ async def test_uninstrument_removes_exactly_what_was_added(
             return session.execute(text("SELECT 1")).scalar_one()
 
     monitor.instrument_app(app)
-    assert monitor in _hooks._owners
+    assert _hooks.subscribed(monitor)
     async with client(app) as http:
         assert (await http.get("/q")).status_code == 200
     assert sample(registry, "sqlalchemy_sessions_opened_total", route="/q", method="GET") == 1
 
     monitor.uninstrument()
-    assert monitor not in _hooks._owners
+    assert not _hooks.subscribed(monitor)
     assert (
         Engine.__dict__["raw_connection"],
         SessionTransaction.__dict__["_connection_for_bind"],

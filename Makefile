@@ -29,7 +29,7 @@ lint: $(VENV)/.installed
 
 test: lint $(VENV20)/.installed
 	$(VENV)/bin/pytest
-	$(VENV20)/bin/pytest -m "not e2e" tests/test_core.py tests/test_api.py tests/test_concurrency.py tests/test_postgres.py tests/test_tracing.py
+	$(VENV20)/bin/pytest -m "not e2e" tests/test_core.py tests/test_api.py tests/test_concurrency.py tests/test_postgres.py tests/test_tracing.py tests/test_first_law.py
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks

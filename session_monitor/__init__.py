@@ -16,20 +16,20 @@ from .middleware import SessionMonitorMiddleware
 from .monitor import SessionMonitor
 from .naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
 from .observer import Observer
-from .records import TrackedCheckout, TrackedSession
+from .records import CheckoutView, SessionView
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NO_REQUEST",
     "UNMATCHED_ROUTE",
+    "CheckoutView",
     "ConfigurationError",
     "MonitorConfig",
     "Observer",
     "SessionMonitor",
     "SessionMonitorMiddleware",
-    "TrackedCheckout",
-    "TrackedSession",
+    "SessionView",
     "__version__",
     "pool_name_for",
 ]

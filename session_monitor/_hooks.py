@@ -1,4 +1,4 @@
-"""The three places SQLAlchemy offers no event, wrapped once per process for every monitor.
+"""The places SQLAlchemy offers no event, wrapped once per process for every monitor.
 
 - ``Engine.raw_connection``: no event fires before a checkout or on a pool timeout, so wait
   time, pending callers and timeouts are measured around the call that waits.
@@ -14,15 +14,23 @@
 - ``Transaction.close``: a root transaction closed without commit or rollback is rolled back by
   SQLAlchemy; that rollback is the outcome ``close`` (the normal read path), not ``rollback``.
 
-Each wrapper calls the original unchanged and lets its exceptions through; the monitors' own code
-runs guarded. The originals are restored when the last monitor unsubscribes.
+The first law: each wrapper calls the original exactly once, never inside an ``except`` of ours,
+and returns its result or lets its exception through untouched; the monitors' own code is
+called before or after it and guards itself. What a wrapper leaves in a ContextVar while the
+original runs holds no application object (asyncio copies the context into callbacks that a
+connect() schedules, and those copies live on): a weak reference to the Session, and the opening
+line as plain strings and numbers, never the frame.
+
+The methods are private, so a SQLAlchemy release may rename one: a group whose method is missing
+is not installed, the monitors say so once, and everything else works (see `missing`).
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from types import FrameType
@@ -31,14 +39,18 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 
+from .stacks import Location, application_location, application_stack
+
 
 class Subscriber(NamedTuple):
     """What one monitor has the hooks call; each of these guards itself and never raises."""
 
     owner: object  # the monitor, which unsubscribes by itself
-    # (engine, call, opening_frame) -> what call(engine) returns; opening_frame is the frame of
-    # the Connection being opened, None for a raw DBAPI connection.
-    acquire: Callable[..., Any]
+    stack_depth: int  # application frames to keep where a Core connection opens; 0 = one line
+    # engine -> a token for acquire_finished, or None when the monitor does not watch it.
+    acquire_started: Callable[[Engine], Any]
+    # (token, perf_counter() when it began, the exception the checkout raised or None)
+    acquire_finished: Callable[[Any, float, BaseException | None], None]
     session_acquiring: Callable[[Session, Any, FrameType], None]
     session_closed: Callable[[Session], None]
     transaction_began: Callable[[Connection], None]
@@ -47,9 +59,21 @@ class Subscriber(NamedTuple):
     transaction_closing: Callable[[Connection, bool], None]
 
 
-# The Session whose root transaction is acquiring a connection right now (in this context).
-acquiring_session: ContextVar[Session | None] = ContextVar(
+class Acquisition(NamedTuple):
+    """The innermost raw_connection() of this context, as the checkout listeners read it."""
+
+    started: float  # perf_counter() when it began waiting
+    core: bool  # made by Connection() outside an ORM session: the app's own Core connection
+    location: Location | None  # where the app opened it (Core only)
+    stack: tuple[Location, ...]
+
+
+# The ORM Session whose root transaction is acquiring a connection right now, weakly.
+acquiring_session: ContextVar[weakref.ref[Session] | None] = ContextVar(
     "session_monitor_acquiring", default=None
+)
+acquisition: ContextVar[Acquisition | None] = ContextVar(
+    "session_monitor_acquisition", default=None
 )
 
 _CONNECTION_INIT = Connection.__init__.__code__
@@ -83,73 +107,76 @@ def unsubscribe(owner: object) -> None:
             _uninstall()
 
 
-def _install() -> None:
-    global _orig_raw_connection, _orig_connection_for_bind, _orig_close_impl
-    global _orig_begin_impl, _orig_commit_impl, _orig_rollback_impl, _orig_transaction_close
-    _orig_raw_connection = _patch(Engine, "raw_connection", _raw_connection)
-    _orig_connection_for_bind = _patch(
-        SessionTransaction, "_connection_for_bind", _connection_for_bind
-    )
-    _orig_close_impl = _patch(Session, "_close_impl", _close_impl)
-    _orig_begin_impl = _patch(Connection, "_begin_impl", _begin_impl)
-    _orig_commit_impl = _patch(Connection, "_commit_impl", _commit_impl)
-    _orig_rollback_impl = _patch(Connection, "_rollback_impl", _rollback_impl)
-    _orig_transaction_close = _patch(Transaction, "close", _transaction_close)
+# -- the wrappers ------------------------------------------------------------------------------
 
 
-def _uninstall() -> None:
-    for (cls, name), original in _originals.items():
-        setattr(cls, name, original)
-    _originals.clear()
-
-
-def _patch(cls: type, name: str, wrapper: Callable[..., Any]) -> Any:
-    # Read from the class __dict__ so a subclass never captures an inherited wrapper.
-    original = cls.__dict__[name]
-    _originals[(cls, name)] = original
-    setattr(cls, name, wrapper)
-    return original
-
-
-# The originals, as module globals: the wrappers run on every checkout and transaction.
-_orig_raw_connection: Any = Engine.raw_connection
-_orig_connection_for_bind: Any = SessionTransaction._connection_for_bind
-_orig_close_impl: Any = Session._close_impl
-_orig_begin_impl: Any = Connection._begin_impl
-_orig_commit_impl: Any = Connection._commit_impl
-_orig_rollback_impl: Any = Connection._rollback_impl
-_orig_transaction_close: Any = Transaction.close
-
-
-def _raw_connection(self: Engine) -> Any:
+def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
     # connection, which is no session.
-    caller = sys._getframe(1)
-    opening = caller if caller.f_code is _CONNECTION_INIT else None
     subscribers = _subscribers
     if len(subscribers) == 1:
-        return subscribers[0].acquire(self, _orig_raw_connection, opening)
-    call: Callable[[Engine], Any] = _orig_raw_connection
-    for subscriber in subscribers:
-        call = functools.partial(subscriber.acquire, call=call, opening=opening)
-    return call(self)
+        token = subscribers[0].acquire_started(self)
+        watched = [] if token is None else [(subscribers[0], token)]
+    else:
+        watched = [(s, t) for s in subscribers if (t := s.acquire_started(self)) is not None]
+    if not watched:
+        return _orig_raw_connection(self, *args, **kw)
+    current = _acquisition(sys._getframe(1), watched)
+    context_token = acquisition.set(current)
+    failure: BaseException | None = None
+    try:
+        return _orig_raw_connection(self, *args, **kw)
+    except BaseException as error:
+        failure = error
+        raise
+    finally:
+        acquisition.reset(context_token)
+        for subscriber, token in watched:
+            subscriber.acquire_finished(token, current.started, failure)
+        failure = None  # no reference cycle through the traceback
+
+
+def _acquisition(caller: FrameType, watched: list[tuple[Subscriber, Any]]) -> Acquisition:
+    started = time.perf_counter()
+    if (
+        caller.f_code is not _CONNECTION_INIT
+        or acquiring_session.get() is not None
+        # Without the session hooks an ORM session's connection would look like the app's own.
+        or (SessionTransaction, "_connection_for_bind") not in _originals
+    ):
+        return Acquisition(started, False, None, ())
+    try:
+        # The application frame is above the Connection being opened, not in the pool.
+        depth = max(subscriber.stack_depth for subscriber, _ in watched)
+        if depth:
+            stack = application_stack(caller.f_back, depth)
+            return Acquisition(started, True, stack[0] if stack else None, stack)
+        return Acquisition(started, True, application_location(caller.f_back), ())
+    except Exception:
+        return Acquisition(started, True, None, ())
 
 
 def _connection_for_bind(
     self: SessionTransaction, bind: Any, execution_options: Any = None, *args: Any, **kw: Any
 ) -> Any:
-    original = _orig_connection_for_bind
     subscribers = _subscribers
-    # Only a root transaction asking for a bind it has no connection for acquires one.
-    if not subscribers or self._parent is not None or bind in self._connections:
-        return original(self, bind, execution_options, *args, **kw)
+    # Only a root transaction asking for a bind it has no connection for acquires one; only a
+    # real Engine or Connection is ours to look at (a test's Mock bind is left alone).
+    if (
+        not subscribers
+        or self._parent is not None
+        or not issubclass(type(bind), (Engine, Connection))
+        or bind in self._connections
+    ):
+        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
     session = self.session
     caller = sys._getframe(1)
     for subscriber in subscribers:
         subscriber.session_acquiring(session, bind, caller)
-    token = acquiring_session.set(session)
+    del caller
+    token = acquiring_session.set(weakref.ref(session))
     try:
-        return original(self, bind, execution_options, *args, **kw)
+        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
     finally:
         acquiring_session.reset(token)
 
@@ -193,3 +220,75 @@ def _transaction_close(self: Transaction) -> None:
     finally:
         for subscriber in subscribers:
             subscriber.transaction_closing(connection, False)
+
+
+# -- installing them ---------------------------------------------------------------------------
+
+# Each group works only whole: (what it gives, [(class, method, wrapper, module global)]).
+GROUPS: tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]], ...] = (
+    (
+        "pool wait time, pending callers and timeouts",
+        ((Engine, "raw_connection", _raw_connection, "_orig_raw_connection"),),
+    ),
+    (
+        "ORM sessions",
+        (
+            (
+                SessionTransaction,
+                "_connection_for_bind",
+                _connection_for_bind,
+                "_orig_connection_for_bind",
+            ),
+            (Session, "_close_impl", _close_impl, "_orig_close_impl"),
+        ),
+    ),
+    (
+        "transactions",
+        (
+            (Connection, "_begin_impl", _begin_impl, "_orig_begin_impl"),
+            (Connection, "_commit_impl", _commit_impl, "_orig_commit_impl"),
+            (Connection, "_rollback_impl", _rollback_impl, "_orig_rollback_impl"),
+            (Transaction, "close", _transaction_close, "_orig_transaction_close"),
+        ),
+    ),
+)
+
+# The originals, as module globals: the wrappers run on every checkout and transaction.
+_orig_raw_connection: Any = None
+_orig_connection_for_bind: Any = None
+_orig_close_impl: Any = None
+_orig_begin_impl: Any = None
+_orig_commit_impl: Any = None
+_orig_rollback_impl: Any = None
+_orig_transaction_close: Any = None
+
+
+def missing() -> list[tuple[str, str]]:
+    """(what is lost, the method that is gone) for each group this SQLAlchemy cannot have."""
+    return [
+        (purpose, f"{cls.__name__}.{name}")
+        for purpose, methods in GROUPS
+        for cls, name, _, _ in methods
+        if not callable(cls.__dict__.get(name))
+    ]
+
+
+def _install() -> None:
+    lacking = {method for _, method in missing()}
+    module = sys.modules[__name__]
+    for _, methods in GROUPS:
+        if any(f"{cls.__name__}.{name}" in lacking for cls, name, _, _ in methods):
+            continue
+        for cls, name, wrapper, slot in methods:
+            # Read from the class __dict__ so a subclass never captures an inherited wrapper.
+            original = cls.__dict__[name]
+            _originals[(cls, name)] = original
+            setattr(module, slot, original)
+            setattr(cls, name, wrapper)
+
+
+def _uninstall() -> None:
+    # The module globals keep the originals: a call already inside a wrapper still needs one.
+    for (cls, name), original in _originals.items():
+        setattr(cls, name, original)
+    _originals.clear()

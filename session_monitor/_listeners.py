@@ -1,46 +1,39 @@
-"""Listener bookkeeping: remove exactly what was added, and never let a failure reach the app."""
+"""The one guard: a failure of the monitor's own code is counted and logged, never the app's."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import weakref
 from collections.abc import Callable
-from typing import Any
-
-from sqlalchemy import event
 
 logger = logging.getLogger("session_monitor")
 
-
-class ListenerSet:
-    """Every `event.listen` made through it, so `remove_all` undoes precisely those."""
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
-        self._lock = threading.Lock()
-
-    def listen(self, target: Any, identifier: str, fn: Callable[..., Any], **kw: Any) -> None:
-        event.listen(target, identifier, fn, **kw)
-        with self._lock:
-            self._entries.append((weakref.ref(target), identifier, fn))
-
-    def remove_all(self) -> None:
-        with self._lock:
-            entries, self._entries = self._entries, []
-        for target_ref, identifier, fn in entries:
-            target = target_ref()
-            if target is not None and event.contains(target, identifier, fn):
-                event.remove(target, identifier, fn)
+# What `Guard.count_once` has said in this process: one warning, however many monitors.
+_said: set[str] = set()
 
 
 class Guard:
-    """Swallow and count a listener's failure; log each listener's first failure once."""
+    """The one guard: swallow and count a failure of ours; log each listener's first one once.
+
+    Every hook, listener, observer call and the OpenTelemetry statement listeners go through it,
+    so each failure reaches ``session_monitor_internal_errors_total``.
+    """
 
     def __init__(self, count: Callable[[str], None]) -> None:
         self._count = count
         self._logged: set[str] = set()
+
+    def count_once(self, listener: str, message: str) -> None:
+        """Count a lasting condition once for this monitor, and say once per process what it
+        means (a monitor built again by each test, or re-instrumented, repeats nothing)."""
+        if listener in self._logged:
+            return
+        self._logged.add(listener)
+        with contextlib.suppress(Exception):
+            self._count(listener)
+        if message not in _said:
+            _said.add(message)
+            logger.warning(message)
 
     def failed(self, listener: str) -> None:
         # If even the error metric fails there is nothing more to do safely.

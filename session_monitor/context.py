@@ -21,7 +21,9 @@ class RequestScope:
     __slots__ = ("_route", "asgi_scope", "checkouts", "method", "root_path", "sessions", "started")
 
     def __init__(self, asgi_scope: dict[str, Any]) -> None:
-        self.asgi_scope = asgi_scope
+        # Dropped when the request ends (`finish`): copies of this context that asyncio keeps in
+        # callbacks must not keep the request's objects (its dependencies, its sessions) alive.
+        self.asgi_scope: dict[str, Any] | None = asgi_scope
         self.method = method_label(asgi_scope.get("method", ""))
         self.root_path: str = asgi_scope.get("root_path", "")
         self.started = time.perf_counter()
@@ -33,12 +35,32 @@ class RequestScope:
     @property
     def route(self) -> str:
         if self._route is None:
+            if self.asgi_scope is None:
+                return UNMATCHED_ROUTE
             matched = route_label(self.asgi_scope, self.root_path)
             if matched is None:
                 # Not matched yet (a session opened by an outer middleware) or never matched.
                 return UNMATCHED_ROUTE
             self._route = matched
         return self._route
+
+
+    def finish(self) -> None:
+        """The app returned: fix the route label and let go of the ASGI scope."""
+        if self._route is None:
+            self._route = self.route
+        self.asgi_scope = None
+
+
+def app_path(scope: dict[str, Any] | Any) -> str:
+    """The path as the app's routing sees it: without a proxy's root_path prefix, if present."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        rest = path[len(root_path) :]
+        if not rest or rest.startswith("/"):
+            return rest or "/"
+    return path
 
 
 current_request: ContextVar[RequestScope | None] = ContextVar(

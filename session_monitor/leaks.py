@@ -1,8 +1,13 @@
-"""How leaks are told: the WARNING lines an on-call engineer reads, and the age watcher.
+"""Leaks, all three ways they are found, and the WARNING lines an on-call engineer reads.
 
-The three detectors live where their events are: request end in the middleware's
-`request_finished`, garbage collection in weak-reference callbacks, and age here, in a thread
-that looks at held connections the way HikariCP's leakDetectionThreshold does.
+- ``request_end``: when a request's ASGI call is over (`request_finished`, called by the
+  middleware), a session opened in it that still holds a connection it acquired there.
+- ``gc``: a session or Core connection reclaimed by the garbage collector without being closed
+  (`sessions.SessionTracker.close` with ``collected=True`` reports it here).
+- ``age``: a connection held longer than ``leak_threshold``, found by `AgeWatcher`'s thread the
+  way HikariCP's leakDetectionThreshold does.
+
+Each leaked session is counted once, with the reason by which it was found first.
 """
 
 from __future__ import annotations
@@ -10,9 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from .records import TrackedCheckout, TrackedSession
 from .stacks import format_location, format_stack
+
+if TYPE_CHECKING:
+    from .context import RequestScope
+    from .observer import Fanout
+    from .records import TrackedCheckout, TrackedSession
 
 logger = logging.getLogger("session_monitor")
 
@@ -24,36 +34,68 @@ _WHY = {
 
 
 def describe(tracked: TrackedSession) -> str:
-    where = (
-        f"{tracked.method} {tracked.route}"
-        if tracked.request is not None
-        else "outside any request"
-    )
-    what = "session" if tracked.kind == "session" else "Core connection"
+    view = tracked.view
+    where = f"{view.method} {view.route}" if tracked.request is not None else "outside any request"
+    what = "session" if view.kind == "session" else "Core connection"
     return (
-        f"{where}: {what} on pool {tracked.pool_name!r} opened at "
-        f"{format_location(tracked.location)}, {tracked.age:.3f}s ago,"
+        f"{where}: {what} on pool {view.pool_name!r} opened at "
+        f"{format_location(view.location)}, {view.age:.3f}s ago"
     )
 
 
-class LeakLog:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+class LeakDetector:
+    def __init__(
+        self, lock: threading.RLock, observers: Fanout | None, log_leaks: bool
+    ) -> None:
+        self._lock = lock  # the session tracker's: it guards leak_reason and the counters
+        self._emit = observers
+        self._log = log_leaks
 
     def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
-        if not self.enabled:
+        with self._lock:
+            if tracked.leak_reason is not None:
+                return
+            tracked.leak_reason = reason
+            leaked = tracked.stats.leaked
+            leaked[reason] = leaked.get(reason, 0) + 1  # rare: a call here is fine
+        if self._emit is not None:
+            self._emit.session_leaked(tracked.view, reason)
+        if self._log:
+            message = f"Leaked session ({reason}): {describe(tracked)}, {_WHY[reason]}."
+            if detail:
+                message += "\n" + detail
+            elif tracked.view.stack:
+                message += "\nOpened at:\n" + format_stack(tracked.view.stack)
+            logger.warning(message)
+
+    def request_finished(self, request: RequestScope) -> None:
+        """Report what the request opened and left holding a connection it acquired."""
+        for tracked in request.sessions:
+            if (
+                not tracked.closed
+                and tracked.leak_reason is None
+                and tracked.holds_connection_from(request)
+            ):
+                self.leaked(tracked, "request_end")
+        request.sessions.clear()
+
+    def held_too_long(self, checkout: TrackedCheckout, threshold: float) -> None:
+        owner = checkout.owner
+        if owner is None:
             return
-        message = f"Leaked session ({reason}): {describe(tracked)} {_WHY.get(reason, '')}."
-        if detail:
-            message += "\n" + detail
-        elif tracked.stack:
-            message += "\nOpened at:\n" + format_stack(tracked.stack)
-        logger.warning(message)
+        stack = owner.view.stack
+        held = f"Held for {checkout.held_for:.3f}s (threshold {threshold:g}s)"
+        detail = (
+            f"{held}. Opened at:\n{format_stack(stack)}"
+            if stack
+            else f"{held}; set capture_stacks=True to log the whole application stack."
+        )
+        self.leaked(owner, "age", detail)
 
     def came_back(self, checkout: TrackedCheckout, held: float) -> None:
-        if self.enabled and checkout.owner is not None:
+        if self._log and checkout.owner is not None:
             logger.warning(
-                "Connection of pool %r reported as held too long came back after %.3fs: %s",
+                "Connection of pool %r reported as held too long came back after %.3fs: %s.",
                 checkout.pool_name,
                 held,
                 describe(checkout.owner),
@@ -67,7 +109,7 @@ class AgeWatcher:
         self,
         threshold: float,
         checkouts: Callable[[], Iterable[TrackedCheckout]],
-        report: Callable[[TrackedCheckout], None],
+        report: Callable[[TrackedCheckout, float], None],
         on_error: Callable[[str], None],
     ) -> None:
         self.threshold = threshold
@@ -98,8 +140,11 @@ class AgeWatcher:
 
     def scan(self) -> None:
         for checkout in self._checkouts():
-            if checkout.owner is not None and not checkout.age_reported and not checkout.returned:
-                held = checkout.held_for
-                if held > self.threshold:
-                    checkout.age_reported = True
-                    self._report(checkout)
+            if (
+                checkout.owner is not None
+                and not checkout.age_reported
+                and not checkout.returned
+                and checkout.held_for > self.threshold
+            ):
+                checkout.age_reported = True
+                self._report(checkout, self.threshold)

@@ -1,16 +1,15 @@
-"""The Prometheus metrics contract, and its two exporters.
+"""The metrics contract, one table for every exporter, and the scrape-time Prometheus collector.
 
 - `PrometheusCollector`, the default: the monitor counts into plain numbers (`stats.py`) and the
   collector turns them into metric families when Prometheus scrapes, so an event costs an
   increment instead of a prometheus_client update (about 0.5 µs each, 1 µs per histogram
   observation, 13 of them per session lifecycle). Gauges are derived from the same numbers at
   the same moment, so `active == opened - closed` holds in every scrape.
-- `PrometheusMetrics`, under ``PROMETHEUS_MULTIPROC_DIR``: workers must write their values to
-  prometheus_client's files for a scrape to add them up, which only its own metric objects do.
-  It is an observer of the monitor's events, like the OpenTelemetry one.
+- `multiprocess.PrometheusMetrics`, under ``PROMETHEUS_MULTIPROC_DIR``, and the OpenTelemetry
+  instruments (`tracing.py`) are observers of the monitor's events.
 
-Both are built from the one table of `MetricSpec`s below and are tested against the same
-ground truth.
+All three are built from the one table of `MetricSpec`s below (names, help, labels, buckets,
+OpenTelemetry names and units) and are tested against the same ground truth.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -31,16 +29,22 @@ from .stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from .stats import Histogram as StatsHistogram
 
 if TYPE_CHECKING:
-    from .records import TrackedCheckout, TrackedSession
-    from .stats import PoolStats, SessionStats
+    from .pool import PoolSnapshot
+    from .stats import SessionStats
 
 
 class MetricSpec(NamedTuple):
-    name: str
+    """One metric, described once for every exporter: Prometheus (scrape-time and multiprocess)
+    and OpenTelemetry."""
+
+    name: str  # Prometheus name, without the _total a counter's sample gets
     kind: Literal["counter", "gauge", "histogram"]
     documentation: str
     labels: tuple[str, ...]
     buckets: tuple[float, ...] = ()
+    # OpenTelemetry: its name and unit; a Prometheus gauge is an UpDownCounter there.
+    otel_name: str = ""
+    unit: str = ""
 
 
 POOL = ("pool_name",)
@@ -51,24 +55,32 @@ CONNECTION_COUNT = MetricSpec(
     "gauge",
     "Pooled connections by state (idle: open in the pool, used: checked out).",
     (*POOL, "state"),
+    otel_name="db.client.connection.count",
+    unit="{connection}",
 )
 CONNECTION_MAX = MetricSpec(
     "db_client_connection_max",
     "gauge",
-    "Most connections the pool allows (pool_size + max_overflow).",
+    "Most connections the pool allows (pool_size + max_overflow), over its live engines.",
     POOL,
+    otel_name="db.client.connection.max",
+    unit="{connection}",
 )
 PENDING_REQUESTS = MetricSpec(
     "db_client_connection_pending_requests",
     "gauge",
     "Callers waiting for a connection from the pool right now.",
     POOL,
+    otel_name="db.client.connection.pending_requests",
+    unit="{request}",
 )
 TIMEOUTS = MetricSpec(
     "db_client_connection_timeouts",
     "counter",
     "Checkouts that gave up waiting for a connection (pool TimeoutError).",
     POOL,
+    otel_name="db.client.connection.timeouts",
+    unit="{timeout}",
 )
 WAIT_TIME = MetricSpec(
     "db_client_connection_wait_time_seconds",
@@ -76,6 +88,8 @@ WAIT_TIME = MetricSpec(
     "Time to obtain a connection from the pool, new connections included.",
     POOL,
     WAIT_BUCKETS,
+    otel_name="db.client.connection.wait_time",
+    unit="s",
 )
 USE_TIME = MetricSpec(
     "db_client_connection_use_time_seconds",
@@ -83,6 +97,8 @@ USE_TIME = MetricSpec(
     "Time from checkout to checkin of a pooled connection.",
     POOL,
     HOLD_BUCKETS,
+    otel_name="db.client.connection.use_time",
+    unit="s",
 )
 CREATE_TIME = MetricSpec(
     "db_client_connection_create_time_seconds",
@@ -90,44 +106,65 @@ CREATE_TIME = MetricSpec(
     "Time to open a new DBAPI connection.",
     POOL,
     CREATE_BUCKETS,
+    otel_name="db.client.connection.create_time",
+    unit="s",
 )
 INVALIDATIONS = MetricSpec(
     "sqlalchemy_pool_invalidations",
     "counter",
     "Pooled connections invalidated (soft: recycled at next checkout).",
     (*POOL, "soft"),
+    otel_name="session_monitor.connection.invalidations",
+    unit="{connection}",
 )
 SESSIONS_OPENED = MetricSpec(
     "sqlalchemy_sessions_opened",
     "counter",
     "Sessions that started using the database (ORM sessions and Core connections).",
     SESSION,
+    otel_name="db.client.session.opened",
+    unit="{session}",
 )
 SESSIONS_CLOSED = MetricSpec(
     "sqlalchemy_sessions_closed",
     "counter",
     "Sessions closed, by close() or reclaimed by the garbage collector.",
     SESSION,
+    otel_name="db.client.session.closed",
+    unit="{session}",
 )
-SESSIONS_ACTIVE = MetricSpec("sqlalchemy_sessions_active", "gauge", "Sessions open now.", SESSION)
+SESSIONS_ACTIVE = MetricSpec(
+    "sqlalchemy_sessions_active",
+    "gauge",
+    "Sessions open now.",
+    SESSION,
+    otel_name="db.client.session.active",
+    unit="{session}",
+)
 SESSION_DURATION = MetricSpec(
     "sqlalchemy_session_duration_seconds",
     "histogram",
     "Time from a session's open to its close.",
     SESSION,
     HOLD_BUCKETS,
+    otel_name="db.client.session.duration",
+    unit="s",
 )
 SESSIONS_LEAKED = MetricSpec(
     "sqlalchemy_sessions_leaked",
     "counter",
     "Leaked sessions, each counted once, by how the leak was found.",
     (*SESSION, "reason"),
+    otel_name="db.client.session.leaked",
+    unit="{session}",
 )
 TRANSACTIONS = MetricSpec(
     "sqlalchemy_transactions",
     "counter",
     "Transactions ended, by outcome: commit, rollback, or close (ended by close()).",
     (*SESSION, "outcome"),
+    otel_name="db.client.transaction.count",
+    unit="{transaction}",
 )
 TRANSACTION_DURATION = MetricSpec(
     "sqlalchemy_transaction_duration_seconds",
@@ -135,12 +172,16 @@ TRANSACTION_DURATION = MetricSpec(
     "Time from a transaction's begin to its end.",
     (*SESSION, "outcome"),
     HOLD_BUCKETS,
+    otel_name="db.client.transaction.duration",
+    unit="s",
 )
 INTERNAL_ERRORS = MetricSpec(
     "session_monitor_internal_errors",
     "counter",
-    "Failures inside session_monitor's listeners, swallowed so the app never sees them.",
+    "Failures inside session_monitor, swallowed so the app never sees them.",
     ("listener",),
+    otel_name="session_monitor.internal_errors",
+    unit="{error}",
 )
 
 ALL_METRICS = (
@@ -161,13 +202,6 @@ ALL_METRICS = (
     TRANSACTION_DURATION,
     INTERNAL_ERRORS,
 )
-
-
-class PoolSnapshot(NamedTuple):
-    name: str
-    idle: int
-    used: int
-    stats: PoolStats
 
 
 # -- the default: families built at scrape time ----------------------------------------------
@@ -229,8 +263,8 @@ class PrometheusCollector:
             name, stats = pool.name, pool.stats
             count.add_metric([name, "idle"], pool.idle)
             count.add_metric([name, "used"], pool.used)
-            if stats.maximum is not None:
-                maximum.add_metric([name], stats.maximum)
+            if pool.maximum is not None:
+                maximum.add_metric([name], pool.maximum)
             pending.add_metric([name], stats.pending)
             timeouts.add_metric([name], stats.timeouts)
             _add(wait, [name], stats.wait)
@@ -267,114 +301,3 @@ class PrometheusCollector:
         yield errors
 
 
-# -- multiprocess mode: prometheus_client's own metrics, updated on every event ---------------
-
-
-class PrometheusMetrics:
-    """The observer behind ``PROMETHEUS_MULTIPROC_DIR``; see the module docstring.
-
-    Gauges use prometheus-client's `livesum` multiprocess mode so per-worker values add up.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        def make(spec: MetricSpec) -> Counter | Gauge | Histogram:
-            if spec.kind == "counter":
-                return Counter(spec.name, spec.documentation, spec.labels, registry=registry)
-            if spec.kind == "gauge":
-                return Gauge(
-                    spec.name,
-                    spec.documentation,
-                    spec.labels,
-                    registry=registry,
-                    multiprocess_mode="livesum",
-                )
-            return Histogram(
-                spec.name, spec.documentation, spec.labels, registry=registry, buckets=spec.buckets
-            )
-
-        self.by_spec = {spec: make(spec) for spec in ALL_METRICS}
-        self._seen_pools: set[str] = set()
-
-    def _pool(self, name: str) -> None:
-        if name not in self._seen_pools:
-            # A series that exists at 0 from the start lets rate() and alerts see its first rise.
-            self._seen_pools.add(name)
-            self._counter(INVALIDATIONS).labels(name, "false")
-            self._counter(INVALIDATIONS).labels(name, "true")
-            self._counter(TIMEOUTS).labels(name)
-            self._gauge(PENDING_REQUESTS).labels(name)
-            for spec in (WAIT_TIME, USE_TIME, CREATE_TIME):
-                self._histogram(spec).labels(name)
-
-    def _counter(self, spec: MetricSpec) -> Counter:
-        metric = self.by_spec[spec]
-        assert isinstance(metric, Counter)
-        return metric
-
-    def _gauge(self, spec: MetricSpec) -> Gauge:
-        metric = self.by_spec[spec]
-        assert isinstance(metric, Gauge)
-        return metric
-
-    def _histogram(self, spec: MetricSpec) -> Histogram:
-        metric = self.by_spec[spec]
-        assert isinstance(metric, Histogram)
-        return metric
-
-    def session_opened(self, session: TrackedSession) -> None:
-        key = (session.route, session.method)
-        self._counter(SESSIONS_OPENED).labels(*key).inc()
-        self._gauge(SESSIONS_ACTIVE).labels(*key).inc()
-
-    def session_closed(self, session: TrackedSession, duration: float) -> None:
-        key = (session.route, session.method)
-        self._counter(SESSIONS_CLOSED).labels(*key).inc()
-        self._gauge(SESSIONS_ACTIVE).labels(*key).dec()
-        self._histogram(SESSION_DURATION).labels(*key).observe(duration)
-
-    def session_leaked(self, session: TrackedSession, reason: str) -> None:
-        self._counter(SESSIONS_LEAKED).labels(session.route, session.method, reason).inc()
-
-    def transaction_ended(self, session: TrackedSession, outcome: str, duration: float) -> None:
-        key = (session.route, session.method, outcome)
-        self._counter(TRANSACTIONS).labels(*key).inc()
-        self._histogram(TRANSACTION_DURATION).labels(*key).observe(duration)
-
-    def connection_created(self, pool_name: str, seconds: float) -> None:
-        self._histogram(CREATE_TIME).labels(pool_name).observe(seconds)
-
-    def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None:
-        self._histogram(WAIT_TIME).labels(checkout.pool_name).observe(wait)
-
-    def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None:
-        self._histogram(USE_TIME).labels(checkout.pool_name).observe(use)
-
-    def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: TrackedCheckout | None
-    ) -> None:
-        self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false").inc()
-
-    def checkout_timed_out(
-        self, pool_name: str, waited: float, session: TrackedSession | None
-    ) -> None:
-        self._counter(TIMEOUTS).labels(pool_name).inc()
-
-    def pool_usage(self, pool_name: str, idle: int, used: int) -> None:
-        self._pool(pool_name)
-        self._gauge(CONNECTION_COUNT).labels(pool_name, "idle").set(idle)
-        self._gauge(CONNECTION_COUNT).labels(pool_name, "used").set(used)
-
-    def pool_pending(self, pool_name: str, delta: int) -> None:
-        self._gauge(PENDING_REQUESTS).labels(pool_name).inc(delta)
-
-    def pool_capacity(self, pool_name: str, maximum: int) -> None:
-        self._gauge(CONNECTION_MAX).labels(pool_name).set(maximum)
-
-    def internal_error(self, listener: str) -> None:
-        self._counter(INTERNAL_ERRORS).labels(listener).inc()
-
-    def close(self) -> None:
-        pass
-
-    def collectors(self) -> list[Counter | Gauge | Histogram]:
-        return list(self.by_spec.values())

@@ -4,13 +4,17 @@ Pure ASGI rather than BaseHTTPMiddleware: the call returns only after the respon
 yield-dependency cleanup has run and background tasks are done, which is the moment a leak is
 certain; and ContextVars set here reach the app. It creates no state of its own: Starlette may
 build it lazily, and more than once.
+
+`SessionMonitor.instrument_app` puts it around the whole stack Starlette builds, error handling
+and every user middleware included, whenever they were added: a middleware that closes the
+request's sessions (``scoped_session.remove()``) has finished when this one checks.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .context import RequestScope, current_request
+from .context import RequestScope, app_path, current_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
@@ -34,7 +38,7 @@ class SessionMonitorMiddleware:
         if scope["type"] != "http" or not monitor.instrumented:
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = app_path(scope)
         if path == monitor.config.metrics_path and monitor.metrics_app is not None:
             await monitor.metrics_app(scope, receive, send)
             return
@@ -47,4 +51,5 @@ class SessionMonitorMiddleware:
             await self.app(scope, receive, send)
         finally:
             current_request.reset(token)
+            request.finish()
             monitor._request_finished(request)

@@ -1,26 +1,29 @@
-"""SessionMonitor: the one object an application builds, attaches and can remove."""
+"""SessionMonitor: the one object an application builds, attaches and can remove.
+
+It wires the owners of each event together and creates nothing on the hot path itself: the
+hooks call the session tracker (`sessions.py`) and the pool tracker (`pool.py`) directly.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import warnings
 import weakref
 from collections.abc import Iterable
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
 
 from . import _hooks
-from ._listeners import Guard, ListenerSet
+from ._listeners import Guard
 from .config import ConfigurationError, MonitorConfig, excluded_path_set
 from .context import RequestScope
-from .leaks import AgeWatcher, LeakLog
-from .metrics import PrometheusCollector, PrometheusMetrics
+from .leaks import AgeWatcher
+from .metrics import PrometheusCollector
 from .middleware import SessionMonitorMiddleware
 from .observer import Fanout, Observer
 from .pool import PoolTracker
@@ -29,7 +32,11 @@ from .sessions import SessionTracker
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .tracing import OpenTelemetryObserver
+
     EngineLike = Engine | AsyncEngine
+
+logger = logging.getLogger("session_monitor")
 
 
 def _sync_engines(engines: Iterable[Any]) -> list[Engine]:
@@ -52,21 +59,6 @@ def _sync_engines(engines: Iterable[Any]) -> list[Engine]:
     return found
 
 
-def _register_all(registry: CollectorRegistry | None, collectors: list[Any]) -> None:
-    """Register every collector, or none: a name taken already leaves the registry as it was."""
-    if registry is None:
-        return
-    done: list[Any] = []
-    try:
-        for collector in collectors:
-            registry.register(collector)
-            done.append(collector)
-    except ValueError:
-        for collector in done:
-            registry.unregister(collector)
-        raise
-
-
 class SessionMonitor:
     """Watch SQLAlchemy sessions and pools, and report them as metrics (and spans).
 
@@ -76,7 +68,7 @@ class SessionMonitor:
         monitor = SessionMonitor(engine)      # SessionMonitor() watches every engine
         monitor.instrument_app(app)           # middleware, and /metrics unless metrics_path=None
         ...
-        monitor.uninstrument()                # removes exactly what was added
+        monitor.uninstrument()                # stops watching; instrument() resumes
     """
 
     def __init__(
@@ -116,9 +108,12 @@ class SessionMonitor:
                 f"metrics without registering them; got {type(registry).__name__}"
             )
         self.registry = registry
-        # Everything that can fail comes before registering metrics, which is the one step that
-        # leaves a trace outside this object.
-        otel_observers: list[Observer] = []
+        self._errors: dict[str, int] = {}
+        self._errors_lock = threading.Lock()
+        self._guard = Guard(self._count_internal_error)
+        # Everything that can fail comes before `instrument()`, the one step that leaves a
+        # trace outside this object.
+        self._otel: OpenTelemetryObserver | None = None
         if opentelemetry or (
             opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
         ):
@@ -129,37 +124,35 @@ class SessionMonitor:
                     f"OpenTelemetry support needs the 'otel' extra ({error}): "
                     "pip install 'session-monitor[otel]'"
                 ) from None
-            otel_observers.append(
-                OpenTelemetryObserver(
-                    tracer_provider=tracer_provider, meter_provider=meter_provider
-                )
+            self._otel = OpenTelemetryObserver(
+                tracer_provider=tracer_provider, meter_provider=meter_provider
             )
-        all_observers: list[Observer] = [*otel_observers, *observers]
+        all_observers: list[Observer] = [*([self._otel] if self._otel else []), *observers]
         multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if multiprocess:
             # Workers' values must go through prometheus_client's files to be added up.
+            from .multiprocess import PrometheusMetrics
+
             push_metrics = PrometheusMetrics(registry=None)
             all_observers.insert(0, push_metrics)
         # Only what is given besides the metrics: none by default, and then no call is made.
         self.observers: tuple[Observer, ...] = tuple(all_observers)
-
-        self._errors: dict[str, int] = {}
-        self._errors_lock = threading.Lock()
-        self._guard = Guard(self._count_internal_error)
-        self._emit = Fanout(self.observers, self._guard.failed) if self.observers else None
-        self._listeners = ListenerSet()
-        leak_log = LeakLog(self.config.log_leaks)
-        self._sessions = SessionTracker(self.config, self._emit, self._guard, leak_log)
+        emit = Fanout(self.observers, self._guard.failed) if self.observers else None
+        self._emit = emit
+        self._sessions = SessionTracker(self.config, emit, self._guard)
         self._pools = PoolTracker(
             self._sessions,
-            self._emit,
+            emit,
             self._guard,
-            self._listeners,
-            leak_log,
             every_engine=not sync_engines,
             pool_name=pool_name,
+            stack_depth=stack_depth if capture_stacks else 0,
         )
-        self.metrics: PrometheusCollector | PrometheusMetrics
+        self._sessions.entry_for = self._pools.entry_for
+        if self._otel is not None:
+            self._otel.bind(self._sessions.session_for, self._guard.failed)
+            self._pools.engine_added.append(self._otel.listen)
+        self.metrics: Any
         if multiprocess:
             self.metrics = push_metrics
             self._collectors: list[Any] = list(push_metrics.collectors())
@@ -168,19 +161,12 @@ class SessionMonitor:
                 self._sessions.snapshot, self._pools.snapshot, self._error_counts
             )
             self._collectors = [self.metrics]
-        try:
-            _register_all(registry, self._collectors)
-        except ValueError as error:
-            raise ConfigurationError(
-                f"{error}. Another SessionMonitor already registered its metrics in this "
-                "registry: build one monitor per process (it can watch several engines), call "
-                "uninstrument() on the old one first, or pass registry=CollectorRegistry()."
-            ) from None
         self.metrics_app = self._build_metrics_app(registry)
+        self._engines = [weakref.ref(engine) for engine in sync_engines]
         self._age_watcher: AgeWatcher | None = None
         self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self.instrumented = False
-        self._instrument(sync_engines)
+        self.instrument()
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -195,58 +181,133 @@ class SessionMonitor:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return make_asgi_app(registry)
 
-    def _instrument(self, engines: list[Engine]) -> None:
-        for engine in engines:
-            self._pools.add_engine(engine)
+    def _register(self) -> None:
+        """Register every collector, or none: a name taken already leaves the registry as it was."""
+        registry = self.registry
+        if registry is None:
+            return
+        done: list[Any] = []
+        try:
+            for collector in self._collectors:
+                registry.register(collector)
+                done.append(collector)
+        except ValueError:
+            for collector in done:
+                registry.unregister(collector)
+            raise ConfigurationError(
+                "Another SessionMonitor already registered its metrics in this registry: build "
+                "one monitor per process (it can watch several engines), call uninstrument() on "
+                "the old one first, or pass registry=CollectorRegistry()."
+            ) from None
+
+    def instrument(self) -> None:
+        """Start watching: metrics, listeners and hooks. Done by the constructor; again after
+        `uninstrument()` it picks up where the counters were. A second call does nothing."""
+        if self.instrumented:
+            return
+        self._register()
+        self._pools.follow_again()
+        for ref in self._engines:
+            engine = ref()
+            if engine is not None:
+                self._pools.add_engine(engine)
         threshold = self.config.leak_threshold
         if threshold is not None:
             self._age_watcher = AgeWatcher(
                 threshold,
                 self._pools.checkouts,
-                lambda checkout: self._pools.report_age(checkout, threshold),
+                self._sessions.leaks.held_too_long,
                 self._guard.failed,
             )
             self._age_watcher.start()
-        _hooks.subscribe(self._subscriber())
+        for purpose, method in _hooks.missing():
+            # A SQLAlchemy release without one of the private methods we wrap: that piece is
+            # off, everything else works.
+            self._guard.count_once(
+                f"hook:{method}",
+                f"session_monitor cannot see {purpose}: this SQLAlchemy has no {method}. "
+                "Everything else is monitored; please report it with your SQLAlchemy version.",
+            )
+        _hooks.subscribe(
+            _hooks.Subscriber(
+                owner=self,
+                stack_depth=self._pools._stack_depth,
+                acquire_started=self._pools.acquire_started,
+                acquire_finished=self._pools.acquire_finished,
+                session_acquiring=self._sessions.session_acquiring,
+                session_closed=self._sessions.session_closed,
+                transaction_began=self._sessions.transaction_began,
+                transaction_committed=self._sessions.transaction_committed,
+                transaction_rolling_back=self._sessions.transaction_rolling_back,
+                transaction_closing=self._sessions.transaction_closing,
+            )
+        )
         self.instrumented = True
 
     def instrument_app(self, app: Any) -> Any:
-        """Add the middleware (which also serves `metrics_path`) to a Starlette/FastAPI app."""
+        """Put the middleware (which also serves `metrics_path`) around a Starlette/FastAPI app.
+
+        It wraps the whole middleware stack, whatever is added after this call: a middleware
+        that closes the request's sessions (``scoped_session.remove()``) must have run before
+        the request-end leak check does."""
         if app in self._apps:
             warnings.warn("session_monitor: this app is already instrumented", stacklevel=2)
             return app
-        app.add_middleware(SessionMonitorMiddleware, monitor=self)
+        build = getattr(app, "build_middleware_stack", None)
+        if callable(build) and getattr(app, "middleware_stack", ...) is None:
+            monitor = self
+
+            def build_middleware_stack() -> Any:
+                return SessionMonitorMiddleware(build(), monitor=monitor)
+
+            build_middleware_stack.session_monitor = self  # type: ignore[attr-defined]
+            app.build_middleware_stack = build_middleware_stack
+        else:  # not Starlette's shape, or already serving: Starlette says which
+            app.add_middleware(SessionMonitorMiddleware, monitor=self)
         self._apps.add(app)
         return app
 
     def uninstrument(self) -> None:
-        """Remove listeners, hooks, middleware and metrics that this monitor added."""
+        """Stop watching: hooks, middleware and metrics are removed; the engines' listeners stay,
+        switched off, because SQLAlchemy cannot remove a listener safely while another thread
+        may be running that event. Sessions and connections open now are counted closed."""
         if not self.instrumented:
             return
         self.instrumented = False  # a middleware already built now passes requests through
         _hooks.unsubscribe(self)
-        self._listeners.remove_all()
+        self._pools.stop_following()  # listeners stay, switched off: see its docstring
+        self._sessions.stop_following()
         if self._age_watcher is not None:
             self._age_watcher.stop()
+            self._age_watcher = None
         for app in list(self._apps):
+            # A stack built already keeps the middleware, which now passes requests through.
+            if getattr(vars(app).get("build_middleware_stack"), "session_monitor", None) is self:
+                del app.build_middleware_stack
             user_middleware = getattr(app, "user_middleware", None)
             if isinstance(user_middleware, list):
-                user_middleware[:] = [
-                    m
-                    for m in user_middleware
-                    if not (
-                        getattr(m, "cls", None) is SessionMonitorMiddleware
-                        and getattr(m, "kwargs", {}).get("monitor") is self
-                    )
-                ]
+                user_middleware[:] = [m for m in user_middleware if not self._is_ours(m)]
         self._apps = weakref.WeakSet()
         if self.registry is not None:
             for collector in self._collectors:
-                self.registry.unregister(collector)
+                with contextlib.suppress(KeyError):
+                    self.registry.unregister(collector)
         if self._emit is not None:
             self._emit.close()
 
-    # -- what the hooks, listeners and middleware call (never raise) -------------------------
+    # -- what the middleware calls (never raises) ---------------------------------------------
+
+    def _is_ours(self, middleware: Any) -> bool:
+        return (
+            getattr(middleware, "cls", None) is SessionMonitorMiddleware
+            and getattr(middleware, "kwargs", {}).get("monitor") is self
+        )
+
+    def _request_finished(self, request: RequestScope) -> None:
+        try:
+            self._sessions.leaks.request_finished(request)
+        except Exception:
+            self._guard.failed("request_end")
 
     def _count_internal_error(self, listener: str) -> None:
         with self._errors_lock:
@@ -258,38 +319,6 @@ class SessionMonitor:
     def _error_counts(self) -> dict[str, int]:
         with self._errors_lock:
             return dict(self._errors)
-
-    def _subscriber(self) -> _hooks.Subscriber:
-        pools = self._pools
-        return _hooks.Subscriber(
-            owner=self,
-            acquire=pools.acquire,
-            session_acquiring=self._session_acquiring,
-            session_closed=self._sessions.close_orm,
-            transaction_began=pools.transaction_began,
-            transaction_committed=pools.transaction_committed,
-            transaction_rolling_back=pools.transaction_rolling_back,
-            transaction_closing=pools.transaction_closing,
-        )
-
-    def _session_acquiring(
-        self, session: Session, bind: Engine | Connection, frame: FrameType
-    ) -> None:
-        try:
-            tracked = self._sessions.tracked(session)
-            if tracked is not None and not tracked.closed:
-                return
-            state = self._pools.state_for(bind.engine)
-            if state is not None:
-                self._sessions.open_orm(session, state, frame)
-        except Exception:
-            self._guard.failed("session_open")
-
-    def _request_finished(self, request: RequestScope) -> None:
-        try:
-            self._sessions.request_finished(request)
-        except Exception:
-            self._guard.failed("request_end")
 
     # -- introspection, for tests and the benchmark --------------------------------------------
 

@@ -1,46 +1,48 @@
 """The events the monitor reports, and the protocol of what receives them.
 
-The Prometheus metrics and the OpenTelemetry spans and metrics are both observers of the same
-events, so the two can never disagree about what happened.
+The OpenTelemetry spans and metrics, the multiprocess Prometheus exporter and any observer an
+application passes (``SessionMonitor(observers=[...])``) receive the same events, each with a
+frozen view (`SessionView`, `CheckoutView`) rather than the monitor's own records: an observer can
+keep a view as long as it likes, and nothing it does can change what the monitor counts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .records import TrackedCheckout, TrackedSession
+from .records import CheckoutView, SessionView
 
 
 class Observer(Protocol):
-    def session_opened(self, session: TrackedSession) -> None: ...
+    def session_opened(self, session: SessionView) -> None: ...
 
-    def session_closed(self, session: TrackedSession, duration: float) -> None: ...
+    def session_closed(self, session: SessionView, duration: float) -> None: ...
 
-    def session_leaked(self, session: TrackedSession, reason: str) -> None: ...
+    def session_leaked(self, session: SessionView, reason: str) -> None: ...
 
-    def transaction_ended(self, session: TrackedSession, outcome: str, duration: float) -> None: ...
+    def transaction_ended(self, session: SessionView, outcome: str, duration: float) -> None: ...
 
     def connection_created(self, pool_name: str, seconds: float) -> None: ...
 
-    def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None: ...
+    def connection_checked_out(self, checkout: CheckoutView, wait: float) -> None: ...
 
-    def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None: ...
+    def connection_checked_in(self, checkout: CheckoutView, use: float) -> None: ...
 
     def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: TrackedCheckout | None
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None
     ) -> None: ...
 
     def checkout_timed_out(
-        self, pool_name: str, waited: float, session: TrackedSession | None
+        self, pool_name: str, waited: float, session: SessionView | None
     ) -> None: ...
 
     def pool_usage(self, pool_name: str, idle: int, used: int) -> None: ...
 
     def pool_pending(self, pool_name: str, delta: int) -> None: ...
 
-    def pool_capacity(self, pool_name: str, maximum: int) -> None: ...
+    def pool_capacity(self, pool_name: str, maximum: int | None) -> None:
+        """The pool's bound (pool_size + max_overflow over its live engines; None: unbounded)."""
 
     def internal_error(self, listener: str) -> None: ...
 
@@ -48,101 +50,41 @@ class Observer(Protocol):
         """Release what the observer holds (called by uninstrument)."""
 
 
+# What Fanout delivers; internal_error goes to each observer directly, so that a failing
+# observer's error cannot report itself forever.
+EVENTS = tuple(
+    name
+    for name in Observer.__dict__
+    if not name.startswith("_") and name not in ("close", "internal_error")
+)
+
+
 class Fanout:
     """Deliver each event to every observer; one observer's failure reaches no other, nor the
-    monitor's own bookkeeping, which always runs before the event is emitted."""
+    monitor's own bookkeeping, which always runs before the event is emitted.
+
+    Built only when there are observers: without any, the monitor makes no call at all.
+    """
 
     def __init__(self, observers: tuple[Observer, ...], failed: Callable[[str], None]) -> None:
         self.observers = observers
         self._failed = failed
+        for name in EVENTS:
+            setattr(self, name, self._deliver(name))
 
-    def session_opened(self, session: TrackedSession) -> None:
-        for observer in self.observers:
-            try:
-                observer.session_opened(session)
-            except Exception:
-                self._failed("session_opened")
+    def _deliver(self, event: str) -> Callable[..., None]:
+        receivers = tuple(getattr(observer, event) for observer in self.observers)
+        failed = self._failed
 
-    def session_closed(self, session: TrackedSession, duration: float) -> None:
-        for observer in self.observers:
-            try:
-                observer.session_closed(session, duration)
-            except Exception:
-                self._failed("session_closed")
+        def deliver(*args: Any) -> None:
+            for receive in receivers:
+                try:
+                    receive(*args)
+                except Exception:
+                    failed(event)
 
-    def session_leaked(self, session: TrackedSession, reason: str) -> None:
-        for observer in self.observers:
-            try:
-                observer.session_leaked(session, reason)
-            except Exception:
-                self._failed("session_leaked")
-
-    def transaction_ended(self, session: TrackedSession, outcome: str, duration: float) -> None:
-        for observer in self.observers:
-            try:
-                observer.transaction_ended(session, outcome, duration)
-            except Exception:
-                self._failed("transaction_ended")
-
-    def connection_created(self, pool_name: str, seconds: float) -> None:
-        for observer in self.observers:
-            try:
-                observer.connection_created(pool_name, seconds)
-            except Exception:
-                self._failed("connection_created")
-
-    def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None:
-        for observer in self.observers:
-            try:
-                observer.connection_checked_out(checkout, wait)
-            except Exception:
-                self._failed("connection_checked_out")
-
-    def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None:
-        for observer in self.observers:
-            try:
-                observer.connection_checked_in(checkout, use)
-            except Exception:
-                self._failed("connection_checked_in")
-
-    def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: TrackedCheckout | None
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.connection_invalidated(pool_name, soft, checkout)
-            except Exception:
-                self._failed("connection_invalidated")
-
-    def checkout_timed_out(
-        self, pool_name: str, waited: float, session: TrackedSession | None
-    ) -> None:
-        for observer in self.observers:
-            try:
-                observer.checkout_timed_out(pool_name, waited, session)
-            except Exception:
-                self._failed("checkout_timed_out")
-
-    def pool_usage(self, pool_name: str, idle: int, used: int) -> None:
-        for observer in self.observers:
-            try:
-                observer.pool_usage(pool_name, idle, used)
-            except Exception:
-                self._failed("pool_usage")
-
-    def pool_pending(self, pool_name: str, delta: int) -> None:
-        for observer in self.observers:
-            try:
-                observer.pool_pending(pool_name, delta)
-            except Exception:
-                self._failed("pool_pending")
-
-    def pool_capacity(self, pool_name: str, maximum: int) -> None:
-        for observer in self.observers:
-            try:
-                observer.pool_capacity(pool_name, maximum)
-            except Exception:
-                self._failed("pool_capacity")
+        deliver.__name__ = event
+        return deliver
 
     def close(self) -> None:
         for observer in self.observers:
@@ -150,3 +92,17 @@ class Fanout:
                 observer.close()
             except Exception:
                 self._failed("close")
+
+    # For the type checker: the events, as set in __init__.
+    session_opened: Callable[[SessionView], None]
+    session_closed: Callable[[SessionView, float], None]
+    session_leaked: Callable[[SessionView, str], None]
+    transaction_ended: Callable[[SessionView, str, float], None]
+    connection_created: Callable[[str, float], None]
+    connection_checked_out: Callable[[CheckoutView, float], None]
+    connection_checked_in: Callable[[CheckoutView, float], None]
+    connection_invalidated: Callable[[str, bool, CheckoutView | None], None]
+    checkout_timed_out: Callable[[str, float, SessionView | None], None]
+    pool_usage: Callable[[str, int, int], None]
+    pool_pending: Callable[[str, int], None]
+    pool_capacity: Callable[[str, int | None], None]

@@ -1,10 +1,17 @@
-"""What the monitor knows about one session and one checked-out connection."""
+"""What the monitor keeps about one session and one checked-out connection, and the frozen views
+of them that observers receive.
+
+The records are the monitor's own, mutated under its locks; nothing in them refers strongly to an
+application object (a Session, a Connection, a frame): the ORM Session and the pool's connection
+proxy are held through weak references only, so keeping a record never keeps the app's objects.
+"""
 
 from __future__ import annotations
 
+import itertools
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .stacks import Location
 
@@ -14,31 +21,47 @@ if TYPE_CHECKING:
 
 SessionKind = Literal["session", "connection"]
 
+_session_ids = itertools.count(1)
+
+
+class SessionView(NamedTuple):
+    """A session as observers see it: read-only, and the same object for every event of it."""
+
+    id: int
+    kind: SessionKind  # "session" (ORM) or "connection" (Core)
+    pool_name: str
+    db_system: str  # the dialect name: postgresql, sqlite, mysql, ...
+    route: str
+    method: str
+    location: Location | None  # (file, line, function) of the application line that opened it
+    stack: tuple[Location, ...]  # innermost first; empty unless capture_stacks=True
+    opened_at: float  # time.perf_counter()
+
+    @property
+    def age(self) -> float:
+        return time.perf_counter() - self.opened_at
+
+
+class CheckoutView(NamedTuple):
+    """One checkout of a pooled connection; `session` is None for a raw DBAPI connection."""
+
+    pool_name: str
+    session: SessionView | None
+    checked_out_at: float  # time.perf_counter()
+
 
 class TrackedSession:
-    """One unit of database work: an ORM Session, or a Core Connection the app checked out itself.
-
-    A Session is opened when it first asks for a connection and closed by close() (or a context
-    manager, or the garbage collector). A Core Connection is opened at checkout, closed at checkin.
-    """
+    """One unit of database work: an ORM Session, or a Core Connection the app checked out."""
 
     __slots__ = (
         "checkouts",
         "closed",
-        "db_system",
-        "kind",
         "leak_reason",
-        "location",
-        "method",
-        "opened_at",
-        "pool_name",
         "request",
-        "route",
         "session_ref",
-        "span",
-        "stack",
         "stats",
         "transaction_count",
+        "view",
     )
 
     def __init__(
@@ -53,31 +76,36 @@ class TrackedSession:
         stack: tuple[Location, ...],
         stats: SessionStats,
     ) -> None:
-        self.kind: SessionKind = kind
-        self.pool_name = pool_name
-        self.db_system = db_system  # the dialect name: postgresql, sqlite, mysql, ...
-        self.route = route
-        self.method = method
+        self.view = SessionView(
+            next(_session_ids),
+            kind,
+            pool_name,
+            db_system,
+            route,
+            method,
+            location,
+            stack,
+            time.perf_counter(),
+        )
         self.request = request
-        self.location = location
-        self.stack = stack
-        self.opened_at = time.perf_counter()
         self.closed = False
         self.leak_reason: str | None = None
         self.checkouts: list[TrackedCheckout] = []
         self.transaction_count = 0
-        # Free for an observer that needs per-session state (the OpenTelemetry span).
-        self.span: Any = None
         self.stats = stats  # the counters of its (route, method)
         # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
         self.session_ref: weakref.ref[Any] | None = None
 
-    def holds_connection_from(self, request: RequestScope) -> bool:
-        return any(checkout.request is request for checkout in self.checkouts)
+    @property
+    def kind(self) -> SessionKind:
+        return self.view.kind
 
     @property
-    def age(self) -> float:
-        return time.perf_counter() - self.opened_at
+    def opened_at(self) -> float:
+        return self.view.opened_at
+
+    def holds_connection_from(self, request: RequestScope) -> bool:
+        return any(checkout.request is request for checkout in self.checkouts)
 
 
 class TrackedCheckout:
@@ -125,6 +153,12 @@ class TrackedCheckout:
         self.transaction_closing = False
         self.connection_key: int | None = None  # id() of the Connection that began it
         self.proxy_key: int | None = None  # id() of the pool's connection proxy
+
+    def view(self) -> CheckoutView:
+        owner = self.owner
+        return CheckoutView(
+            self.pool_name, None if owner is None else owner.view, self.checked_out_at
+        )
 
     @property
     def collected(self) -> bool:

@@ -1,10 +1,13 @@
-"""Session and transaction bookkeeping: open, close, leak, and transaction outcomes.
+"""Sessions, ORM and Core, and their transactions: open, close, outcome.
 
 Definitions (see the README): an ORM Session is *opened* when it first asks for a connection
 (its first statement or flush) and *closed* by ``close()``, ``invalidate()``, ``reset()``, the
 end of its ``with`` block, or the garbage collector. A Core Connection the app checks out itself
 is a session from checkout to checkin. A session that never touches the database holds nothing
-and is not counted.
+and is not counted. A transaction belongs to a connection, from begin to its end.
+
+The hooks (`_hooks`) call the ``session_*`` and ``transaction_*`` methods here directly; each
+guards itself and never raises.
 """
 
 from __future__ import annotations
@@ -12,37 +15,32 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ._listeners import Guard
 from .config import MonitorConfig
 from .context import RequestScope, current_request
-from .leaks import LeakLog
+from .leaks import LeakDetector
 from .naming import NO_REQUEST
 from .observer import Fanout
-from .records import SessionKind, TrackedCheckout, TrackedSession
-from .stacks import application_location, application_stack
+from .records import SessionKind, SessionView, TrackedCheckout, TrackedSession
+from .stacks import Location, application_location, application_stack
 from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
 if TYPE_CHECKING:
-    from .pool import PoolState
+    from .pool import EnginePool, PoolState
 
 
 class SessionTracker:
-    def __init__(
-        self,
-        config: MonitorConfig,
-        observers: Fanout | None,
-        guard: Guard,
-        leak_log: LeakLog,
-    ) -> None:
+    def __init__(self, config: MonitorConfig, observers: Fanout | None, guard: Guard) -> None:
         self._config = config
         self._emit = observers  # None when the metrics are all there is: no call at all
         self._guard = guard
-        self._leak_log = leak_log
         # The key under which this monitor keeps its record in `Session.info`.
         self.key = object()
         # Open ORM sessions by id() of their weak reference (`TrackedSession.session_ref`);
@@ -51,15 +49,24 @@ class SessionTracker:
         self._collected_callback = self._collected
         # Guards the counters and each record's closed and leak_reason. Reentrant: a garbage
         # collection during a snapshot's copies may close a collected session.
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self._stats: dict[tuple[str, str], SessionStats] = {}
+        self.leaks = LeakDetector(self.lock, observers, config.log_leaks)
+        # Checkouts that belong to a session, by id() of their connection proxy, which a
+        # Connection holds: the transaction hooks find a connection's checkout with one lookup.
+        self._by_proxy: dict[int, TrackedCheckout] = {}
+        # ... and by id() of the Connection using them, from its first transaction on: once a
+        # connection is invalidated it no longer holds its proxy.
+        self._by_connection: dict[int, TrackedCheckout] = {}
+        # Set by the monitor once the pool tracker exists: an engine's pool entry, or None.
+        self.entry_for: Callable[[Engine], EnginePool | None] = lambda engine: None
 
     @property
     def live_sessions(self) -> int:
         return len(self._live)
 
     def snapshot(self) -> dict[tuple[str, str], SessionStats]:
-        with self._lock:
+        with self.lock:
             return {key: stats.copy() for key, stats in self._stats.items()}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -68,22 +75,17 @@ class SessionTracker:
         self,
         kind: SessionKind,
         pool: PoolState,
-        frame: FrameType | None,
+        location: Location | None,
+        stack: tuple[Location, ...],
         request: RequestScope | None,
     ) -> TrackedSession:
-        if self._config.capture_stacks:
-            stack = application_stack(frame, self._config.stack_depth)
-            location = stack[0] if stack else None
-        else:
-            stack = ()
-            location = application_location(frame)
         key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
         stats = self._stats.get(key)
         if stats is None:
             new = SessionStats()
-            with self._lock:
+            with self.lock:
                 stats = self._stats.setdefault(key, new)
-        with self._lock:
+        with self.lock:
             stats.opened += 1
         session = TrackedSession(
             kind, pool.name, pool.db_system, key[0], key[1], request, location, stack, stats
@@ -91,19 +93,47 @@ class SessionTracker:
         if request is not None:
             request.sessions.append(session)
         if self._emit is not None:
-            self._emit.session_opened(session)
+            self._emit.session_opened(session.view)
         return session
 
-    def open_orm(self, orm_session: Session, pool: PoolState, frame: FrameType) -> None:
-        tracked = self.open("session", pool, frame, current_request.get())
-        orm_session.info[self.key] = tracked
-        # The record keeps its reference alive, so the id() stays unique while it is listed.
-        tracked.session_ref = weakref.ref(orm_session, self._collected_callback)
-        self._live[id(tracked.session_ref)] = tracked
+    def session_acquiring(self, orm_session: Session, bind: Any, frame: FrameType) -> None:
+        """Called by the hook when a session's root transaction asks for a connection."""
+        try:
+            tracked = self.tracked(orm_session)
+            if tracked is not None:
+                return
+            engine = bind if isinstance(bind, Engine) else bind.engine
+            entry = self.entry_for(engine)
+            if entry is None:
+                return
+            if self._config.capture_stacks:
+                stack = application_stack(frame, self._config.stack_depth)
+                location = stack[0] if stack else None
+            else:
+                stack, location = (), application_location(frame)
+            tracked = self.open("session", entry.state, location, stack, current_request.get())
+            orm_session.info[self.key] = tracked
+            # The record keeps its reference alive, so the id() stays unique while it is listed.
+            tracked.session_ref = weakref.ref(orm_session, self._collected_callback)
+            self._live[id(tracked.session_ref)] = tracked
+        except Exception:
+            self._guard.failed("session_open")
 
     def tracked(self, orm_session: Session) -> TrackedSession | None:
+        """This monitor's open record of an ORM session."""
         info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-        return None if info is None else info.get(self.key)
+        tracked: TrackedSession | None = None if info is None else info.get(self.key)
+        return None if tracked is None or tracked.closed else tracked
+
+    def session_closed(self, orm_session: Session) -> None:
+        """Called by the Session close hook."""
+        try:
+            info: dict[Any, Any] | None = orm_session.__dict__.get("info")
+            tracked = None if info is None else info.pop(self.key, None)
+            if tracked is not None:
+                self.close(tracked)
+        except Exception:
+            self._guard.failed("session_close")
 
     def _collected(self, ref: weakref.ref[Session]) -> None:
         try:
@@ -113,22 +143,12 @@ class SessionTracker:
         except Exception:
             self._guard.failed("session_collected")
 
-    def close_orm(self, orm_session: Session) -> None:
-        """Called by the Session close hook: never raises."""
-        try:
-            info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-            tracked = None if info is None else info.pop(self.key, None)
-            if tracked is not None:
-                self.close(tracked)
-        except Exception:
-            self._guard.failed("session_close")
-
     def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
         duration = time.perf_counter() - tracked.opened_at
         stats = tracked.stats
         histogram = stats.duration
         bucket = histogram.bucket(duration)
-        with self._lock:
+        with self.lock:
             if tracked.closed:
                 return
             tracked.closed = True
@@ -145,33 +165,99 @@ class SessionTracker:
             if checkout.transaction_started_at is not None:
                 self.end_transaction(checkout, "close")
         if collected:
-            self.leaked(tracked, "gc")
+            self.leaks.leaked(tracked, "gc")
         if self._emit is not None:
-            self._emit.session_closed(tracked, duration)
+            self._emit.session_closed(tracked.view, duration)
 
-    def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
-        with self._lock:
-            if tracked.leak_reason is not None:
-                return
-            tracked.leak_reason = reason
-            leaked = tracked.stats.leaked
-            leaked[reason] = leaked.get(reason, 0) + 1  # rare: a call here is fine
-        if self._emit is not None:
-            self._emit.session_leaked(tracked, reason)
-        self._leak_log.leaked(tracked, reason, detail)
+    def stop_following(self) -> None:
+        """At uninstrument, after the pools have counted their connections back: sessions
+        still open are counted closed now, and none of them is reported as a leak later."""
+        for tracked in list(self._live.values()):
+            self.close(tracked)
+        self._by_proxy.clear()
+        self._by_connection.clear()
 
-    def request_finished(self, request: RequestScope) -> None:
-        """Report what the request opened and left holding a connection it acquired."""
-        for tracked in request.sessions:
-            if (
-                not tracked.closed
-                and tracked.leak_reason is None
-                and tracked.holds_connection_from(request)
-            ):
-                self.leaked(tracked, "request_end")
-        request.sessions.clear()
+    # -- the connections a session holds (called by the pool listeners) ----------------------
+
+    def attach(self, checkout: TrackedCheckout, proxy: Any) -> None:
+        owner = checkout.owner
+        assert owner is not None
+        owner.checkouts.append(checkout)
+        checkout.proxy_key = id(proxy)
+        self._by_proxy[checkout.proxy_key] = checkout
+        if owner.kind == "connection":
+            # How a Core connection dropped unclosed is told at checkin.
+            checkout.fairy_ref = weakref.ref(proxy)
+
+    def returned(self, checkout: TrackedCheckout, held: float) -> None:
+        """The pool took a session's connection back (checkin or detach)."""
+        if checkout.transaction_started_at is not None:
+            # Still open when the pool takes it back: dropped, invalidated or detached.
+            self.end_transaction(checkout, "close")
+        owner = checkout.owner
+        if owner is None:
+            return
+        # Only this checkout's own entries: a collected proxy's id() may already be reused.
+        for index, key in (
+            (self._by_connection, checkout.connection_key),
+            (self._by_proxy, checkout.proxy_key),
+        ):
+            if key is not None and index.get(key) is checkout:
+                del index[key]
+        if checkout in owner.checkouts:
+            owner.checkouts.remove(checkout)
+        if checkout.age_reported:
+            self.leaks.came_back(checkout, held)
+        if owner.kind == "connection":
+            self.close(owner, collected=checkout.collected)
+
+    def session_for(self, connection: Connection) -> SessionView | None:
+        """The session a Connection belongs to, if this monitor tracks it (for statement spans)."""
+        proxy = connection.__dict__.get("_dbapi_connection")
+        checkout = None if proxy is None else self._by_proxy.get(id(proxy))
+        if checkout is None or checkout.returned or checkout.owner is None:
+            return None
+        return checkout.owner.view
 
     # -- transactions: one per connection, from the Connection and Transaction hooks ---------
+
+    def transaction_began(self, connection: Connection) -> None:
+        try:
+            proxy = connection._dbapi_connection
+            checkout = None if proxy is None else self._by_proxy.get(id(proxy))
+            if checkout is not None:
+                self.begin_transaction(checkout)
+                checkout.connection_key = id(connection)
+                self._by_connection[id(connection)] = checkout
+        except Exception:
+            self._guard.failed("transaction_begin")
+
+    def transaction_committed(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                self.end_transaction(checkout, "commit")
+        except Exception:
+            self._guard.failed("transaction_commit")
+
+    def transaction_rolling_back(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                outcome = "close" if checkout.transaction_closing else "rollback"
+                self.end_transaction(checkout, outcome)
+        except Exception:
+            self._guard.failed("transaction_rollback")
+
+    def transaction_closing(self, connection: Connection, closing: bool) -> None:
+        """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                open_transaction = checkout.transaction_started_at is not None
+                checkout.transaction_closing = closing and open_transaction
+        except Exception:
+            self._guard.failed("transaction_close")
 
     def begin_transaction(self, checkout: TrackedCheckout) -> None:
         if checkout.transaction_started_at is not None:
@@ -195,11 +281,11 @@ class SessionTracker:
         histogram = by_outcome.get(outcome)
         if histogram is None:
             new = Histogram(HOLD_BUCKETS)
-            with self._lock:
+            with self.lock:
                 histogram = by_outcome.setdefault(outcome, new)
         bucket = histogram.bucket(duration)
-        with self._lock:
+        with self.lock:
             histogram.counts[bucket] += 1
             histogram.sum += duration
         if self._emit is not None:
-            self._emit.transaction_ended(owner, outcome, duration)
+            self._emit.transaction_ended(owner.view, outcome, duration)

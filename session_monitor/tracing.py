@@ -23,10 +23,10 @@ metric. This module is imported only when OpenTelemetry is switched on, and sets
 
 from __future__ import annotations
 
-import logging
 import threading
-import weakref
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -35,21 +35,19 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
+from . import metrics as table
 from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE
 from .stacks import format_stack
-from .stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
 
-    from .records import TrackedCheckout, TrackedSession
+    from .records import CheckoutView, SessionView
 
 AttributeValue = str | bool | int | float
 Attributes = dict[str, AttributeValue]
-
-logger = logging.getLogger("session_monitor")
 
 SCOPE = "session_monitor"
 SESSION_SPAN = "db.session"
@@ -102,7 +100,17 @@ def _request_attributes(route: str, method: str) -> Attributes:
 class _SessionSpan:
     """The span of one session, and the sums it reports when it ends."""
 
-    __slots__ = ("checkouts", "ended", "last_outcome", "lock", "span", "use_time", "wait_time")
+    __slots__ = (
+        "checkouts",
+        "ended",
+        "held_since",
+        "last_outcome",
+        "lock",
+        "span",
+        "transactions",
+        "use_time",
+        "wait_time",
+    )
 
     def __init__(self, span: Span) -> None:
         self.span = span
@@ -111,8 +119,10 @@ class _SessionSpan:
         self.lock = threading.Lock()
         self.ended = False
         self.checkouts = 0
+        self.transactions = 0
         self.wait_time = 0.0
         self.use_time = 0.0
+        self.held_since: list[float] = []  # checkouts not returned yet
         self.last_outcome: str | None = None
 
     def add_event(self, name: str, attributes: Attributes) -> None:
@@ -120,21 +130,25 @@ class _SessionSpan:
             if not self.ended:
                 self.span.add_event(name, attributes)
 
-    def checked_out(self, wait: float) -> None:
+    def checked_out(self, checkout: CheckoutView, wait: float) -> None:
         with self.lock:
             self.checkouts += 1
             self.wait_time += wait
+            self.held_since.append(checkout.checked_out_at)
             if not self.ended:
                 self.span.add_event("connection.checkout", {WAIT_TIME: wait})
 
-    def checked_in(self, use: float) -> None:
+    def checked_in(self, checkout: CheckoutView, use: float) -> None:
         with self.lock:
             self.use_time += use
+            if checkout.checked_out_at in self.held_since:
+                self.held_since.remove(checkout.checked_out_at)
             if not self.ended:
                 self.span.add_event("connection.checkin", {USE_TIME: use})
 
     def transaction_ended(self, outcome: str, duration: float) -> None:
         with self.lock:
+            self.transactions += 1
             self.last_outcome = outcome
             if not self.ended:
                 self.span.add_event(
@@ -146,28 +160,24 @@ class _SessionSpan:
             if not self.ended:
                 self.span.set_status(Status(StatusCode.ERROR, description))
 
-    def end(self, session: TrackedSession, leak: Attributes | None = None) -> None:
+    def end(self, leak: Attributes | None = None) -> None:
         with self.lock:
             if self.ended:
                 return
             self.ended = True
-            checkouts, wait_time, use_time = self.checkouts, self.wait_time, self.use_time
-            last_outcome = self.last_outcome
+            now = time.perf_counter()
+            # A leaked session may still hold connections: count their use so far.
+            held = sum(now - since for since in self.held_since)
+            summary: Attributes = {
+                TRANSACTION_COUNT: self.transactions,
+                CHECKOUTS: self.checkouts,
+                WAIT_TIME: self.wait_time,
+                USE_TIME: self.use_time + held,
+            }
+            if self.last_outcome is not None:
+                summary[TRANSACTION_LAST_OUTCOME] = self.last_outcome
         # Ended is set: no other thread touches the span now, and an exporter that runs inside
         # end() (SimpleSpanProcessor) does not hold up the session's other events.
-        session.span = None
-        # A leaked session may still hold connections: count their use so far.
-        held = sum(
-            checkout.held_for for checkout in list(session.checkouts) if not checkout.returned
-        )
-        summary: Attributes = {
-            TRANSACTION_COUNT: session.transaction_count,
-            CHECKOUTS: checkouts,
-            WAIT_TIME: wait_time,
-            USE_TIME: use_time + held,
-        }
-        if last_outcome is not None:
-            summary[TRANSACTION_LAST_OUTCOME] = last_outcome
         span = self.span
         if leak is not None:
             reason = str(leak[LEAK_REASON])
@@ -177,6 +187,20 @@ class _SessionSpan:
             span.set_status(Status(StatusCode.ERROR, f"session leaked ({reason})"))
         span.set_attributes(summary)
         span.end()
+
+
+def _instrument(meter: metrics.Meter, spec: table.MetricSpec) -> Any:
+    """The OpenTelemetry instrument of one row of the metrics table."""
+    if spec.kind == "histogram":
+        return meter.create_histogram(
+            spec.otel_name,
+            spec.unit,
+            spec.documentation,
+            explicit_bucket_boundaries_advisory=spec.buckets,
+        )
+    if spec.kind == "gauge":  # the conventions make pool sizes UpDownCounters
+        return meter.create_up_down_counter(spec.otel_name, spec.unit, spec.documentation)
+    return meter.create_counter(spec.otel_name, spec.unit, spec.documentation)
 
 
 class OpenTelemetryObserver:
@@ -190,7 +214,23 @@ class OpenTelemetryObserver:
         # None falls back to the global providers, resolved by the API when first used.
         self._tracer = trace.get_tracer(SCOPE, __version__, tracer_provider)
         meter = metrics.get_meter(SCOPE, __version__, meter_provider)
-        self._create_instruments(meter)
+        made = {spec.name: _instrument(meter, spec) for spec in table.ALL_METRICS}
+        self.connection_count = made[table.CONNECTION_COUNT.name]
+        self.connection_max = made[table.CONNECTION_MAX.name]
+        self.pending_requests = made[table.PENDING_REQUESTS.name]
+        self.timeouts = made[table.TIMEOUTS.name]
+        self.wait_time = made[table.WAIT_TIME.name]
+        self.use_time = made[table.USE_TIME.name]
+        self.create_time = made[table.CREATE_TIME.name]
+        self.invalidations = made[table.INVALIDATIONS.name]
+        self.sessions_opened = made[table.SESSIONS_OPENED.name]
+        self.sessions_closed = made[table.SESSIONS_CLOSED.name]
+        self.sessions_active = made[table.SESSIONS_ACTIVE.name]
+        self.session_duration = made[table.SESSION_DURATION.name]
+        self.sessions_leaked = made[table.SESSIONS_LEAKED.name]
+        self.transactions = made[table.TRANSACTIONS.name]
+        self.transaction_duration = made[table.TRANSACTION_DURATION.name]
+        self.internal_errors = made[table.INTERNAL_ERRORS.name]
         self._session_attributes: dict[tuple[str, str], Attributes] = {}
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
@@ -200,98 +240,21 @@ class OpenTelemetryObserver:
         # lock, so the changes of one pool arrive in order.
         self._usage: dict[str, tuple[int, int]] = {}
         self._capacity: dict[str, int] = {}
-        # Where a connection's pool entry keeps (a weak reference to) its current checkout, and
-        # where an execution keeps the token of the context attached for its statement.
-        self._info_key = object()
+        # The span of each open session, by SessionView.id.
+        self._spans: dict[int, _SessionSpan] = {}
+        # Where an execution keeps the token of the context attached for its statement.
         self._token_attribute = f"_session_monitor_otel_{id(self):x}"
-        self._logged: set[str] = set()
-        self._listening = False
-        self._listen()
+        self._session_for: Callable[[Connection], SessionView | None] = lambda connection: None
+        self._failed: Callable[[str], None] = lambda listener: None
 
-    def _create_instruments(self, meter: metrics.Meter) -> None:
-        self.connection_count = meter.create_up_down_counter(
-            "db.client.connection.count",
-            "{connection}",
-            "Pooled connections by state (idle: open in the pool, used: checked out).",
-        )
-        self.connection_max = meter.create_up_down_counter(
-            "db.client.connection.max",
-            "{connection}",
-            "Most connections the pool allows (pool_size + max_overflow).",
-        )
-        self.pending_requests = meter.create_up_down_counter(
-            "db.client.connection.pending_requests",
-            "{request}",
-            "Callers waiting for a connection from the pool right now.",
-        )
-        self.timeouts = meter.create_counter(
-            "db.client.connection.timeouts",
-            "{timeout}",
-            "Checkouts that gave up waiting for a connection (pool TimeoutError).",
-        )
-        self.wait_time = meter.create_histogram(
-            "db.client.connection.wait_time",
-            "s",
-            "Time to obtain a connection from the pool, new connections included.",
-            explicit_bucket_boundaries_advisory=WAIT_BUCKETS,
-        )
-        self.use_time = meter.create_histogram(
-            "db.client.connection.use_time",
-            "s",
-            "Time from checkout to checkin of a pooled connection.",
-            explicit_bucket_boundaries_advisory=HOLD_BUCKETS,
-        )
-        self.create_time = meter.create_histogram(
-            "db.client.connection.create_time",
-            "s",
-            "Time to open a new DBAPI connection.",
-            explicit_bucket_boundaries_advisory=CREATE_BUCKETS,
-        )
-        self.invalidations = meter.create_counter(
-            "session_monitor.connection.invalidations",
-            "{connection}",
-            "Pooled connections invalidated (soft: recycled at next checkout).",
-        )
-        self.sessions_opened = meter.create_counter(
-            "db.client.session.opened",
-            "{session}",
-            "Sessions that started using the database (ORM sessions and Core connections).",
-        )
-        self.sessions_closed = meter.create_counter(
-            "db.client.session.closed",
-            "{session}",
-            "Sessions closed, by close() or reclaimed by the garbage collector.",
-        )
-        self.sessions_active = meter.create_up_down_counter(
-            "db.client.session.active", "{session}", "Sessions open now."
-        )
-        self.session_duration = meter.create_histogram(
-            "db.client.session.duration",
-            "s",
-            "Time from a session's open to its close.",
-            explicit_bucket_boundaries_advisory=HOLD_BUCKETS,
-        )
-        self.sessions_leaked = meter.create_counter(
-            "db.client.session.leaked",
-            "{session}",
-            "Leaked sessions, each counted once, by how the leak was found.",
-        )
-        self.transactions = meter.create_counter(
-            "db.client.transaction.count",
-            "{transaction}",
-            "Transactions ended, by outcome: commit, rollback, or close (ended by close()).",
-        )
-        self.transaction_duration = meter.create_histogram(
-            "db.client.transaction.duration",
-            "s",
-            "Time from a transaction's begin to its end.",
-            explicit_bucket_boundaries_advisory=HOLD_BUCKETS,
-        )
-        self.internal_errors = meter.create_counter(
-            "session_monitor.internal_errors",
-            "{error}",
-            "Failures inside session_monitor's listeners, swallowed so the app never sees them.",
-        )
+    def bind(
+        self,
+        session_for: Callable[[Connection], SessionView | None],
+        failed: Callable[[str], None],
+    ) -> None:
+        """Given by the monitor: which session a Connection is in, and its guard."""
+        self._session_for = session_for
+        self._failed = failed
 
     # -- attribute sets, built once per key like the Prometheus children ----------------------
 
@@ -301,14 +264,14 @@ class OpenTelemetryObserver:
             attributes = self._pool_attributes[pool_name] = {POOL_NAME: pool_name}
         return attributes
 
-    def _session(self, session: TrackedSession) -> Attributes:
+    def _session(self, session: SessionView) -> Attributes:
         key = (session.route, session.method)
         attributes = self._session_attributes.get(key)
         if attributes is None:
             attributes = self._session_attributes[key] = _request_attributes(*key)
         return attributes
 
-    def _with(self, session: TrackedSession, name: str, value: str) -> Attributes:
+    def _with(self, session: SessionView, name: str, value: str) -> Attributes:
         key = (session.route, session.method, value)
         attributes = self._outcome_attributes.get(key)
         if attributes is None:
@@ -316,9 +279,12 @@ class OpenTelemetryObserver:
             self._outcome_attributes[key] = attributes
         return attributes
 
+    def _span_of(self, session: SessionView | None) -> _SessionSpan | None:
+        return None if session is None else self._spans.get(session.id)
+
     # -- sessions ------------------------------------------------------------------------------
 
-    def session_opened(self, session: TrackedSession) -> None:
+    def session_opened(self, session: SessionView) -> None:
         attributes = self._session(session)
         self.sessions_opened.add(1, attributes)
         self.sessions_active.add(1, attributes)
@@ -340,20 +306,20 @@ class OpenTelemetryObserver:
             attributes=span_attributes,
         )
         if span.is_recording():
-            session.span = _SessionSpan(span)
+            self._spans[session.id] = _SessionSpan(span)
 
-    def session_closed(self, session: TrackedSession, duration: float) -> None:
+    def session_closed(self, session: SessionView, duration: float) -> None:
         attributes = self._session(session)
         self.sessions_closed.add(1, attributes)
         self.sessions_active.add(-1, attributes)
         self.session_duration.record(duration, attributes)
-        state: _SessionSpan | None = session.span
+        state = self._spans.pop(session.id, None)
         if state is not None:
-            state.end(session)
+            state.end()
 
-    def session_leaked(self, session: TrackedSession, reason: str) -> None:
+    def session_leaked(self, session: SessionView, reason: str) -> None:
         self.sessions_leaked.add(1, self._with(session, LEAK_REASON, reason))
-        state: _SessionSpan | None = session.span
+        state = self._span_of(session)
         if state is None:
             return
         leak: Attributes = {LEAK_REASON: reason, SESSION_AGE: session.age}
@@ -366,13 +332,13 @@ class OpenTelemetryObserver:
             leak[CODE_STACKTRACE] = format_stack(session.stack)
         # Ended now, not at close: a leaked session may never be closed, and a span that never
         # ends is never exported.
-        state.end(session, leak)
+        state.end(leak)
 
-    def transaction_ended(self, session: TrackedSession, outcome: str, duration: float) -> None:
+    def transaction_ended(self, session: SessionView, outcome: str, duration: float) -> None:
         attributes = self._with(session, TRANSACTION_OUTCOME, outcome)
         self.transactions.add(1, attributes)
         self.transaction_duration.record(duration, attributes)
-        state: _SessionSpan | None = session.span
+        state = self._span_of(session)
         if state is not None:
             state.transaction_ended(outcome, duration)
 
@@ -381,43 +347,32 @@ class OpenTelemetryObserver:
     def connection_created(self, pool_name: str, seconds: float) -> None:
         self.create_time.record(seconds, self._pool(pool_name))
 
-    def connection_checked_out(self, checkout: TrackedCheckout, wait: float) -> None:
+    def connection_checked_out(self, checkout: CheckoutView, wait: float) -> None:
         self.wait_time.record(wait, self._pool(checkout.pool_name))
-        state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
+        state = self._span_of(checkout.session)
         if state is not None:
-            state.checked_out(wait)
-        fairy = checkout.fairy_ref() if checkout.fairy_ref is not None else None
-        if fairy is None:
-            return
-        # The pool entry's info is the Connection's info: the statement listeners find the
-        # session here. Weak, so a returned checkout is not kept alive by its connection.
-        if state is not None:
-            fairy.info[self._info_key] = weakref.ref(checkout)
-        else:
-            fairy.info.pop(self._info_key, None)
+            state.checked_out(checkout, wait)
 
-    def connection_checked_in(self, checkout: TrackedCheckout, use: float) -> None:
+    def connection_checked_in(self, checkout: CheckoutView, use: float) -> None:
         self.use_time.record(use, self._pool(checkout.pool_name))
-        state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
+        state = self._span_of(checkout.session)
         if state is not None:
-            state.checked_in(use)
+            state.checked_in(checkout, use)
 
     def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: TrackedCheckout | None
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None
     ) -> None:
         self.invalidations.add(1, {POOL_NAME: pool_name, SOFT: soft})
-        state: _SessionSpan | None = (
-            None if checkout is None or checkout.owner is None else checkout.owner.span
-        )
+        state = None if checkout is None else self._span_of(checkout.session)
         if state is not None:
             state.add_event("connection.invalidated", {SOFT: soft})
 
     def checkout_timed_out(
-        self, pool_name: str, waited: float, session: TrackedSession | None
+        self, pool_name: str, waited: float, session: SessionView | None
     ) -> None:
         self.timeouts.add(1, self._pool(pool_name))
         attributes: Attributes = {POOL_NAME: pool_name, WAIT_TIME: waited}
-        state: _SessionSpan | None = None if session is None else session.span
+        state = self._span_of(session)
         if state is not None:
             state.add_event("pool.timeout", attributes)
             state.fail(f"connection pool timeout after {waited:.3f}s")
@@ -448,34 +403,31 @@ class OpenTelemetryObserver:
     def pool_pending(self, pool_name: str, delta: int) -> None:
         self.pending_requests.add(delta, self._pool(pool_name))
 
-    def pool_capacity(self, pool_name: str, maximum: int) -> None:
+    def pool_capacity(self, pool_name: str, maximum: int | None) -> None:
         last = self._capacity.get(pool_name, 0)
-        self._capacity[pool_name] = maximum
-        if maximum != last:
-            self.connection_max.add(maximum - last, self._pool(pool_name))
+        self._capacity[pool_name] = maximum or 0
+        if (maximum or 0) != last:
+            self.connection_max.add((maximum or 0) - last, self._pool(pool_name))
 
     def internal_error(self, listener: str) -> None:
         self.internal_errors.add(1, {LISTENER: listener})
 
+    def close(self) -> None:
+        pass  # the statement listeners stay, idle: no session is followed any more
+
     # -- the session's span is current while its statements run --------------------------------
 
-    def _listen(self) -> None:
-        # On the Engine class, like SessionMonitor() with no engine: every engine, including
-        # ones created later. The statement listeners of other instrumentations are registered
-        # on engine instances, so these run before theirs and their spans get the session's
-        # span as parent. Detaching runs first (insert=True) so monitors unwind in reverse.
-        event.listen(Engine, "before_cursor_execute", self._before_cursor_execute_evt)
-        event.listen(Engine, "after_cursor_execute", self._after_cursor_execute_evt, insert=True)
-        event.listen(Engine, "handle_error", self._handle_error_evt, insert=True)
-        self._listening = True
+    def listen(self, engine: Engine) -> None:
+        """Called for each engine the monitor watches, as it starts watching it.
 
-    def close(self) -> None:
-        if not self._listening:
-            return
-        self._listening = False
-        event.remove(Engine, "before_cursor_execute", self._before_cursor_execute_evt)
-        event.remove(Engine, "after_cursor_execute", self._after_cursor_execute_evt)
-        event.remove(Engine, "handle_error", self._handle_error_evt)
+        On the engine, not the Engine class: unwatched engines stay off SQLAlchemy's
+        per-statement dispatch path. insert=True puts these before the statement listeners of
+        opentelemetry-instrumentation-sqlalchemy, so its spans get the session's span as parent.
+        """
+        listen = event.listen
+        listen(engine, "before_cursor_execute", self._before_cursor_execute_evt, insert=True)
+        listen(engine, "after_cursor_execute", self._after_cursor_execute_evt, insert=True)
+        listen(engine, "handle_error", self._handle_error_evt, insert=True)
 
     def _before_cursor_execute_evt(
         self,
@@ -487,14 +439,10 @@ class OpenTelemetryObserver:
         executemany: bool,
     ) -> None:
         try:
-            if context is None or conn.invalidated:
+            if context is None or conn.invalidated or hasattr(context, self._token_attribute):
                 return
-            ref: weakref.ref[TrackedCheckout] | None = conn.info.get(self._info_key)
-            checkout = None if ref is None else ref()
-            if checkout is None or checkout.returned:
-                return
-            state: _SessionSpan | None = None if checkout.owner is None else checkout.owner.span
-            if state is None or state.ended or hasattr(context, self._token_attribute):
+            state = self._span_of(self._session_for(conn))
+            if state is None or state.ended:
                 return
             token = otel_context.attach(trace.set_span_in_context(state.span))
             setattr(context, self._token_attribute, token)
@@ -524,14 +472,3 @@ class OpenTelemetryObserver:
                 otel_context.detach(token)
         except Exception:
             self._failed("otel_after_cursor_execute")
-
-    def _failed(self, listener: str) -> None:
-        # These listeners are outside the monitor's guard: count and log the way it does.
-        self.internal_error(listener)
-        if listener not in self._logged:
-            self._logged.add(listener)
-            logger.exception(
-                "session_monitor listener %r failed; the application was not affected. "
-                "Further failures are only counted in session_monitor.internal_errors.",
-                listener,
-            )

@@ -133,7 +133,7 @@ async def test_password_never_reaches_metrics_or_logs(
     assert all(secret not in r.getMessage() for r in caplog.records)
 
 
-async def test_uninstrument_removes_exactly_what_was_added(
+async def test_uninstrument_removes_hooks_middleware_and_metrics_and_silences_listeners(
     make_engine: Callable[..., Engine], sqlite_url: str, registry: CollectorRegistry
 ) -> None:
     engine = make_engine(sqlite_url)
@@ -173,10 +173,13 @@ async def test_uninstrument_removes_exactly_what_was_added(
         Session.__dict__["_close_impl"],
     ) == originals
     assert not event.contains(Session, "after_commit", lambda: None)
-    assert engine.pool.dispatch.checkout.listeners == [users_own_listener] or list(
-        engine.pool.dispatch.checkout
-    ) == [users_own_listener]
+    # The pool listeners stay (removing one races with another thread running the event),
+    # switched off: a connection held now is not followed.
+    assert users_own_listener in list(engine.pool.dispatch.checkout)
+    with engine.connect():
+        assert monitor.tracked_checkouts == 0
     assert list(registry.collect()) == []
+    assert "build_middleware_stack" not in vars(app)
     assert [m for m in app.user_middleware if m.cls is SessionMonitorMiddleware] == []
     # An already-built middleware stack passes everything through.
     async with client(app) as http:

@@ -2,8 +2,8 @@
 
 Providers are built per test and passed in; no test sets a global provider (the one test of the
 global fallback runs in a subprocess). opentelemetry-instrumentation-fastapi is not installed, so
-`ServerSpanMiddleware` below plays its part: an outermost pure-ASGI middleware that makes a SERVER
-span current around the whole app, as the ASGI instrumentation does.
+`ServerSpanMiddleware` below plays its part: a pure-ASGI wrapper around the whole app that makes a
+SERVER span current, as the ASGI instrumentation's `OpenTelemetryMiddleware(app)` does.
 """
 
 from __future__ import annotations
@@ -165,12 +165,13 @@ class Stack:
     table: Table
     monitor: SessionMonitor
     app: FastAPI = field(default_factory=FastAPI)
+    served: Any = None  # what the client calls: the app inside the server span
     leaked: list[Session] = field(default_factory=list)
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t")
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=self.served), base_url="http://t")
 
     @property
     def pool_name(self) -> str:
@@ -221,8 +222,7 @@ def build_app(stack: Stack, tracer_provider: TracerProvider) -> None:
         return {"status": "served"}
 
     stack.monitor.instrument_app(app)
-    # Added last, so outermost: like the ASGI instrumentation, around the monitor's middleware.
-    app.add_middleware(ServerSpanMiddleware, tracer_provider=tracer_provider)
+    stack.served = ServerSpanMiddleware(app, tracer_provider=tracer_provider)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -639,8 +639,8 @@ async def test_async_session_trace_tree(
             return {"status": "created"}
 
         monitor.instrument_app(app)
-        app.add_middleware(ServerSpanMiddleware, tracer_provider=otel.tracer_provider)
-        transport = httpx.ASGITransport(app=app)
+        served = ServerSpanMiddleware(app, tracer_provider=otel.tracer_provider)
+        transport = httpx.ASGITransport(app=served)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             assert (await http.post("/items")).status_code == 200
 
@@ -947,7 +947,7 @@ def test_providers_fall_back_to_the_global_ones() -> None:
     assert out == "['db.session'] True"
 
 
-def test_uninstrument_removes_the_statement_listeners(
+def test_uninstrument_silences_the_statement_listeners(
     stack: Stack, otel: Otel, sqlalchemy_instrumentor: SQLAlchemyInstrumentor
 ) -> None:
     from session_monitor.tracing import OpenTelemetryObserver
@@ -958,9 +958,12 @@ def test_uninstrument_removes_the_statement_listeners(
         ("after_cursor_execute", observer._after_cursor_execute_evt),
         ("handle_error", observer._handle_error_evt),
     ]
-    assert all(event.contains(Engine, name, fn) for name, fn in listeners)
-    stack.monitor.uninstrument()
+    # On the watched engine only: the Engine class, and so every other engine, stays bare.
+    assert all(event.contains(stack.engine, name, fn) for name, fn in listeners)
     assert not any(event.contains(Engine, name, fn) for name, fn in listeners)
+    stack.monitor.uninstrument()
+    # Still there (removing one races with another thread running the event), and silent.
+    assert all(event.contains(stack.engine, name, fn) for name, fn in listeners)
     sqlalchemy_instrumentor.instrument(
         engine=stack.engine, tracer_provider=otel.tracer_provider, skip_dep_check=True
     )

@@ -1,0 +1,149 @@
+"""Multiprocess mode: prometheus_client's own metric objects, updated on every event.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn, ``uvicorn --workers N``) each worker must write
+its values to prometheus_client's files for a scrape to add them up, which only its own metric
+objects do. This observer receives the monitor's events and updates them; gauges use the
+`livesum` mode so per-worker values add up. Built from the same table as the scrape-time
+collector (`metrics.ALL_METRICS`), and tested to print the same series.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .metrics import (
+    ALL_METRICS,
+    CONNECTION_COUNT,
+    CONNECTION_MAX,
+    CREATE_TIME,
+    INTERNAL_ERRORS,
+    INVALIDATIONS,
+    PENDING_REQUESTS,
+    SESSION_DURATION,
+    SESSIONS_ACTIVE,
+    SESSIONS_CLOSED,
+    SESSIONS_LEAKED,
+    SESSIONS_OPENED,
+    TIMEOUTS,
+    TRANSACTION_DURATION,
+    TRANSACTIONS,
+    USE_TIME,
+    WAIT_TIME,
+    MetricSpec,
+)
+
+if TYPE_CHECKING:
+    from .records import CheckoutView, SessionView
+
+
+class PrometheusMetrics:
+    """The observer behind ``PROMETHEUS_MULTIPROC_DIR``; see the module docstring."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        def make(spec: MetricSpec) -> Counter | Gauge | Histogram:
+            if spec.kind == "counter":
+                return Counter(spec.name, spec.documentation, spec.labels, registry=registry)
+            if spec.kind == "gauge":
+                return Gauge(
+                    spec.name,
+                    spec.documentation,
+                    spec.labels,
+                    registry=registry,
+                    multiprocess_mode="livesum",
+                )
+            return Histogram(
+                spec.name, spec.documentation, spec.labels, registry=registry, buckets=spec.buckets
+            )
+
+        self.by_spec = {spec: make(spec) for spec in ALL_METRICS}
+        self._seen_pools: set[str] = set()
+
+    def _pool(self, name: str) -> None:
+        if name not in self._seen_pools:
+            # A series that exists at 0 from the start lets rate() and alerts see its first rise.
+            self._seen_pools.add(name)
+            self._counter(INVALIDATIONS).labels(name, "false")
+            self._counter(INVALIDATIONS).labels(name, "true")
+            self._counter(TIMEOUTS).labels(name)
+            self._gauge(PENDING_REQUESTS).labels(name)
+            for spec in (WAIT_TIME, USE_TIME, CREATE_TIME):
+                self._histogram(spec).labels(name)
+
+    def _counter(self, spec: MetricSpec) -> Counter:
+        metric = self.by_spec[spec]
+        assert isinstance(metric, Counter)
+        return metric
+
+    def _gauge(self, spec: MetricSpec) -> Gauge:
+        metric = self.by_spec[spec]
+        assert isinstance(metric, Gauge)
+        return metric
+
+    def _histogram(self, spec: MetricSpec) -> Histogram:
+        metric = self.by_spec[spec]
+        assert isinstance(metric, Histogram)
+        return metric
+
+    def session_opened(self, session: SessionView) -> None:
+        key = (session.route, session.method)
+        self._counter(SESSIONS_OPENED).labels(*key).inc()
+        self._gauge(SESSIONS_ACTIVE).labels(*key).inc()
+
+    def session_closed(self, session: SessionView, duration: float) -> None:
+        key = (session.route, session.method)
+        self._counter(SESSIONS_CLOSED).labels(*key).inc()
+        self._gauge(SESSIONS_ACTIVE).labels(*key).dec()
+        self._histogram(SESSION_DURATION).labels(*key).observe(duration)
+
+    def session_leaked(self, session: SessionView, reason: str) -> None:
+        self._counter(SESSIONS_LEAKED).labels(session.route, session.method, reason).inc()
+
+    def transaction_ended(self, session: SessionView, outcome: str, duration: float) -> None:
+        key = (session.route, session.method, outcome)
+        self._counter(TRANSACTIONS).labels(*key).inc()
+        self._histogram(TRANSACTION_DURATION).labels(*key).observe(duration)
+
+    def connection_created(self, pool_name: str, seconds: float) -> None:
+        self._histogram(CREATE_TIME).labels(pool_name).observe(seconds)
+
+    def connection_checked_out(self, checkout: CheckoutView, wait: float) -> None:
+        self._histogram(WAIT_TIME).labels(checkout.pool_name).observe(wait)
+
+    def connection_checked_in(self, checkout: CheckoutView, use: float) -> None:
+        self._histogram(USE_TIME).labels(checkout.pool_name).observe(use)
+
+    def connection_invalidated(
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None
+    ) -> None:
+        self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false").inc()
+
+    def checkout_timed_out(
+        self, pool_name: str, waited: float, session: SessionView | None
+    ) -> None:
+        self._counter(TIMEOUTS).labels(pool_name).inc()
+
+    def pool_usage(self, pool_name: str, idle: int, used: int) -> None:
+        self._pool(pool_name)
+        self._gauge(CONNECTION_COUNT).labels(pool_name, "idle").set(idle)
+        self._gauge(CONNECTION_COUNT).labels(pool_name, "used").set(used)
+
+    def pool_pending(self, pool_name: str, delta: int) -> None:
+        self._gauge(PENDING_REQUESTS).labels(pool_name).inc(delta)
+
+    def pool_capacity(self, pool_name: str, maximum: int | None) -> None:
+        gauge = self._gauge(CONNECTION_MAX)
+        if maximum is not None:
+            gauge.labels(pool_name).set(maximum)
+        elif (pool_name,) in gauge._metrics:  # no live bounded engine: no series, as at scrape
+            gauge.remove(pool_name)
+
+    def internal_error(self, listener: str) -> None:
+        self._counter(INTERNAL_ERRORS).labels(listener).inc()
+
+    def close(self) -> None:
+        pass
+
+    def collectors(self) -> list[Counter | Gauge | Histogram]:
+        return list(self.by_spec.values())

@@ -29,7 +29,7 @@ from .stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 from .stats import Histogram as StatsHistogram
 
 if TYPE_CHECKING:
-    from .pool import PoolSnapshot
+    from .pool_state import PoolSnapshot
     from .stats import SessionStats
 
 

@@ -33,7 +33,7 @@ from .stacks import Location, application_location, application_stack
 from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
 if TYPE_CHECKING:
-    from .pool import EnginePool, PoolState
+    from .pool_state import EnginePool, PoolState
 
 
 class SessionTracker:

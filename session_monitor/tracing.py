@@ -23,171 +23,48 @@ metric. This module is imported only when OpenTelemetry is switched on, and sets
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
 from . import metrics as table
-from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE
+from .otel_spans import (
+    CODE_FILE_PATH,
+    CODE_FUNCTION_NAME,
+    CODE_LINE_NUMBER,
+    CODE_STACKTRACE,
+    CONNECTION_SPAN,
+    CONNECTION_STATE,
+    DB_SYSTEM_NAME,
+    DB_SYSTEM_NAMES,
+    LEAK_REASON,
+    LEAKED,
+    LISTENER,
+    POOL_NAME,
+    SCOPE,
+    SESSION_AGE,
+    SESSION_SPAN,
+    SOFT,
+    TRANSACTION_OUTCOME,
+    WAIT_TIME,
+    Attributes,
+    SessionSpan,
+    request_attributes,
+)
 from .stacks import format_stack
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import Span, TracerProvider
+    from opentelemetry.trace import TracerProvider
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
 
     from .records import CheckoutView, SessionView
-
-AttributeValue = str | bool | int | float
-Attributes = dict[str, AttributeValue]
-
-SCOPE = "session_monitor"
-SESSION_SPAN = "db.session"
-CONNECTION_SPAN = "db.connection"
-
-# Semantic-convention attributes.
-DB_SYSTEM_NAME = "db.system.name"
-POOL_NAME = "db.client.connection.pool.name"
-CONNECTION_STATE = "db.client.connection.state"
-HTTP_ROUTE = "http.route"
-HTTP_METHOD = "http.request.method"
-CODE_FILE_PATH = "code.file.path"
-CODE_LINE_NUMBER = "code.line.number"
-CODE_FUNCTION_NAME = "code.function.name"
-CODE_STACKTRACE = "code.stacktrace"
-
-# Ours.
-LEAKED = "session_monitor.leaked"
-LEAK_REASON = "session_monitor.leak.reason"
-SESSION_AGE = "session_monitor.session.age"
-TRANSACTION_COUNT = "session_monitor.transaction.count"
-TRANSACTION_OUTCOME = "session_monitor.transaction.outcome"
-TRANSACTION_LAST_OUTCOME = "session_monitor.transaction.last_outcome"
-TRANSACTION_DURATION = "session_monitor.transaction.duration"
-CHECKOUTS = "session_monitor.connection.checkouts"
-WAIT_TIME = "session_monitor.connection.wait_time"
-USE_TIME = "session_monitor.connection.use_time"
-SOFT = "session_monitor.connection.soft"
-LISTENER = "session_monitor.listener"
-
-# SQLAlchemy dialect names whose db.system.name differs from the dialect's name.
-_DB_SYSTEM_NAMES = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
-
-
-def _method(method: str) -> str:
-    # The conventions spell a method outside the standard set "_OTHER".
-    return "_OTHER" if method == OTHER_METHOD else method
-
-
-def _request_attributes(route: str, method: str) -> Attributes:
-    """http.route and http.request.method, left out where there is no request or no route."""
-    if method == NO_REQUEST:
-        return {}
-    attributes: Attributes = {HTTP_METHOD: _method(method)}
-    if route != UNMATCHED_ROUTE:
-        attributes[HTTP_ROUTE] = route
-    return attributes
-
-
-class _SessionSpan:
-    """The span of one session, and the sums it reports when it ends."""
-
-    __slots__ = (
-        "checkouts",
-        "ended",
-        "held_since",
-        "last_outcome",
-        "lock",
-        "span",
-        "transactions",
-        "use_time",
-        "wait_time",
-    )
-
-    def __init__(self, span: Span) -> None:
-        self.span = span
-        # Events arrive from the session's thread, the age watcher and garbage collection:
-        # the lock makes "not ended yet, so record" one step.
-        self.lock = threading.Lock()
-        self.ended = False
-        self.checkouts = 0
-        self.transactions = 0
-        self.wait_time = 0.0
-        self.use_time = 0.0
-        self.held_since: list[float] = []  # checkouts not returned yet
-        self.last_outcome: str | None = None
-
-    def add_event(self, name: str, attributes: Attributes) -> None:
-        with self.lock:
-            if not self.ended:
-                self.span.add_event(name, attributes)
-
-    def checked_out(self, checkout: CheckoutView, wait: float) -> None:
-        with self.lock:
-            self.checkouts += 1
-            self.wait_time += wait
-            self.held_since.append(checkout.checked_out_at)
-            if not self.ended:
-                self.span.add_event("connection.checkout", {WAIT_TIME: wait})
-
-    def checked_in(self, checkout: CheckoutView, use: float) -> None:
-        with self.lock:
-            self.use_time += use
-            if checkout.checked_out_at in self.held_since:
-                self.held_since.remove(checkout.checked_out_at)
-            if not self.ended:
-                self.span.add_event("connection.checkin", {USE_TIME: use})
-
-    def transaction_ended(self, outcome: str, duration: float) -> None:
-        with self.lock:
-            self.transactions += 1
-            self.last_outcome = outcome
-            if not self.ended:
-                self.span.add_event(
-                    outcome, {TRANSACTION_OUTCOME: outcome, TRANSACTION_DURATION: duration}
-                )
-
-    def fail(self, description: str) -> None:
-        with self.lock:
-            if not self.ended:
-                self.span.set_status(Status(StatusCode.ERROR, description))
-
-    def end(self, leak: Attributes | None = None) -> None:
-        with self.lock:
-            if self.ended:
-                return
-            self.ended = True
-            now = time.perf_counter()
-            # A leaked session may still hold connections: count their use so far.
-            held = sum(now - since for since in self.held_since)
-            summary: Attributes = {
-                TRANSACTION_COUNT: self.transactions,
-                CHECKOUTS: self.checkouts,
-                WAIT_TIME: self.wait_time,
-                USE_TIME: self.use_time + held,
-            }
-            if self.last_outcome is not None:
-                summary[TRANSACTION_LAST_OUTCOME] = self.last_outcome
-        # Ended is set: no other thread touches the span now, and an exporter that runs inside
-        # end() (SimpleSpanProcessor) does not hold up the session's other events.
-        span = self.span
-        if leak is not None:
-            reason = str(leak[LEAK_REASON])
-            summary[LEAKED] = True
-            summary[LEAK_REASON] = reason
-            span.add_event("session.leaked", leak)
-            span.set_status(Status(StatusCode.ERROR, f"session leaked ({reason})"))
-        span.set_attributes(summary)
-        span.end()
-
 
 def _instrument(meter: metrics.Meter, spec: table.MetricSpec) -> Any:
     """The OpenTelemetry instrument of one row of the metrics table."""
@@ -241,7 +118,7 @@ class OpenTelemetryObserver:
         self._usage: dict[str, tuple[int, int]] = {}
         self._capacity: dict[str, int] = {}
         # The span of each open session, by SessionView.id.
-        self._spans: dict[int, _SessionSpan] = {}
+        self._spans: dict[int, SessionSpan] = {}
         # Where an execution keeps the token of the context attached for its statement.
         self._token_attribute = f"_session_monitor_otel_{id(self):x}"
         self._session_for: Callable[[Connection], SessionView | None] = lambda connection: None
@@ -268,7 +145,7 @@ class OpenTelemetryObserver:
         key = (session.route, session.method)
         attributes = self._session_attributes.get(key)
         if attributes is None:
-            attributes = self._session_attributes[key] = _request_attributes(*key)
+            attributes = self._session_attributes[key] = request_attributes(*key)
         return attributes
 
     def _with(self, session: SessionView, name: str, value: str) -> Attributes:
@@ -279,7 +156,7 @@ class OpenTelemetryObserver:
             self._outcome_attributes[key] = attributes
         return attributes
 
-    def _span_of(self, session: SessionView | None) -> _SessionSpan | None:
+    def _span_of(self, session: SessionView | None) -> SessionSpan | None:
         return None if session is None else self._spans.get(session.id)
 
     # -- sessions ------------------------------------------------------------------------------
@@ -289,7 +166,7 @@ class OpenTelemetryObserver:
         self.sessions_opened.add(1, attributes)
         self.sessions_active.add(1, attributes)
         span_attributes: Attributes = {
-            DB_SYSTEM_NAME: _DB_SYSTEM_NAMES.get(session.db_system, session.db_system),
+            DB_SYSTEM_NAME: DB_SYSTEM_NAMES.get(session.db_system, session.db_system),
             POOL_NAME: session.pool_name,
             LEAKED: False,
             **attributes,
@@ -306,7 +183,7 @@ class OpenTelemetryObserver:
             attributes=span_attributes,
         )
         if span.is_recording():
-            self._spans[session.id] = _SessionSpan(span)
+            self._spans[session.id] = SessionSpan(span)
 
     def session_closed(self, session: SessionView, duration: float) -> None:
         attributes = self._session(session)

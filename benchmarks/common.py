@@ -47,12 +47,34 @@ def session_lifecycle(factory: sessionmaker[Session]) -> Callable[[], None]:
     return lifecycle
 
 
+# Statements in the request-sized session: a typical endpoint reads a few rows and writes one.
+REQUEST_STATEMENTS = 5
+
+
+def request_session(factory: sessionmaker[Session]) -> Callable[[], None]:
+    def request() -> None:
+        session = factory()
+        for _ in range(REQUEST_STATEMENTS):
+            session.execute(SELECT_1)
+        session.commit()
+        session.close()
+
+    return request
+
+
 def core_execute(engine: Engine) -> Callable[[], None]:
     def connect_execute() -> None:
         with engine.connect() as connection:
             connection.execute(SELECT_1)
 
     return connect_execute
+
+
+def core_connect(engine: Engine) -> Callable[[], None]:
+    def connect_close() -> None:
+        engine.connect().close()
+
+    return connect_close
 
 
 def pool_checkout(engine: Engine) -> Callable[[], None]:

@@ -3,8 +3,10 @@
 It mirrors example_app's request path (a sync yield dependency that commits and closes, an ORM
 ``get``, a pydantic response model) with nothing else on it. Environment:
 
-- ``BENCH_MONITOR``: ``1`` adds ``SessionMonitor(engine, registry=CollectorRegistry())`` and its
-  middleware; ``0`` (the default) serves the bare app.
+- ``BENCH_VARIANT``: ``bare``, ``monitored`` (``SessionMonitor(engine,
+  registry=CollectorRegistry())`` and its middleware) or ``fastapi-sqlalchemy-monitor`` (that
+  package's middleware, configured as its README's quick start). Unset, ``BENCH_MONITOR``
+  decides: ``1`` is ``monitored``, ``0`` (the default) ``bare``.
 - ``BENCH_DATABASE_URL``: the database (default ``sqlite:///./bench_http.db``); fill it first
   with :func:`prepare_database`.
 
@@ -26,7 +28,14 @@ from sqlalchemy.pool import QueuePool
 
 from session_monitor import SessionMonitor
 
+from .variants import peer_actions, peer_middleware
+
 ITEM_ID = 1
+# The apps create_app() builds.
+BARE_APP = "bare"
+MONITORED_APP = "monitored"
+PEER_APP = "fastapi-sqlalchemy-monitor"
+APP_VARIANTS = (BARE_APP, MONITORED_APP, PEER_APP)
 
 
 class Base(DeclarativeBase):
@@ -83,7 +92,9 @@ def get_db(request: Request) -> Iterator[Session]:
         db.close()
 
 
-def create_app(url: str, *, monitored: bool) -> FastAPI:
+def create_app(url: str, *, variant: str = BARE_APP) -> FastAPI:
+    if variant not in APP_VARIANTS:
+        raise ValueError(f"unknown app variant {variant!r}; choose from {APP_VARIANTS}")
     app = FastAPI()
     engine = make_engine(url)
     app.state.session_factory = sessionmaker(bind=engine, autoflush=False, expire_on_commit=False)
@@ -95,14 +106,25 @@ def create_app(url: str, *, monitored: bool) -> FastAPI:
             raise HTTPException(status_code=404, detail=f"item {item_id} not found")
         return row
 
-    if monitored:
+    if variant == MONITORED_APP:
         monitor = SessionMonitor(engine, registry=CollectorRegistry())
         monitor.instrument_app(app)
         app.state.monitor = monitor
+    elif variant == PEER_APP:
+        # fastapi-sqlalchemy-monitor's README quick start, word for word. Its listeners go on the
+        # engine when Starlette builds the middleware stack (the first ASGI call) and stay there.
+        app.add_middleware(peer_middleware(), engine=engine, actions=peer_actions())
     return app
+
+
+def _variant_from_environment() -> str:
+    variant = os.environ.get("BENCH_VARIANT")
+    if variant:
+        return variant
+    return MONITORED_APP if os.environ.get("BENCH_MONITOR", "0") == "1" else BARE_APP
 
 
 app = create_app(
     os.environ.get("BENCH_DATABASE_URL", "sqlite:///./bench_http.db"),
-    monitored=os.environ.get("BENCH_MONITOR", "0") == "1",
+    variant=_variant_from_environment(),
 )

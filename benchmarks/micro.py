@@ -7,6 +7,9 @@ interior bare blocks, compared the same way with theirs, give the noise floor (A
 
 A fresh engine per block matters: SQLAlchemy never clears ``Engine._has_events`` when listeners
 are removed, so an engine that was once instrumented keeps dispatching connection events.
+
+A second table sets session_monitor's default cost beside each peer's (the other libraries in
+``variants.PEERS``), operation by operation.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .common import (
     Paired,
     Table,
     Target,
+    core_connect,
     core_execute,
     delta,
     file_engine,
@@ -28,17 +32,20 @@ from .common import (
     pool_checkout,
     ratio_text,
     raw_checkout,
+    request_session,
     session_lifecycle,
     time_per_op,
     us,
     verdict,
 )
-from .variants import BARE, Variant
+from .variants import BARE, DEFAULT, PEERS, Variant
 
 # key, label shown in the table
 WORKLOADS: tuple[tuple[str, str], ...] = (
     ("lifecycle", "session lifecycle"),
+    ("request", "session of 5 statements"),
     ("core", "Core connect()+execute"),
+    ("connect", "engine.connect().close()"),
     ("checkout", "pool.connect().close()"),
     ("raw", "engine.raw_connection().close()"),
 )
@@ -50,6 +57,11 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("checkout", "default", 1.5),
     ("raw", "default", 1.5),
 )
+
+# The peer comparison: on these operations session_monitor's default Δ µs must be below every
+# peer's, and its session lifecycle within PEER_LIFECYCLE_LIMIT of bare.
+PEER_TARGET_WORKLOADS = ("lifecycle", "request", "core", "connect")
+PEER_LIFECYCLE_LIMIT = 1.15
 
 
 @dataclass(frozen=True)
@@ -63,13 +75,27 @@ class MicroSettings:
 FULL = MicroSettings(
     rounds=12,
     warmup_rounds=1,
-    iterations={"lifecycle": 250, "core": 250, "checkout": 1000, "raw": 1000},
+    iterations={
+        "lifecycle": 250,
+        "request": 120,
+        "core": 250,
+        "connect": 1000,
+        "checkout": 1000,
+        "raw": 1000,
+    },
     warmup_ops=100,
 )
 QUICK = MicroSettings(
     rounds=1,
     warmup_rounds=0,
-    iterations={"lifecycle": 10, "core": 10, "checkout": 30, "raw": 30},
+    iterations={
+        "lifecycle": 10,
+        "request": 5,
+        "core": 10,
+        "connect": 30,
+        "checkout": 30,
+        "raw": 30,
+    },
     warmup_ops=5,
 )
 
@@ -78,7 +104,9 @@ def _block(variant: Variant, db_path: str, settings: MicroSettings) -> dict[str,
     engine = file_engine(db_path)
     operations: dict[str, Callable[[], None]] = {
         "lifecycle": session_lifecycle(sessionmaker(bind=engine)),
+        "request": request_session(sessionmaker(bind=engine)),
         "core": core_execute(engine),
+        "connect": core_connect(engine),
         "checkout": pool_checkout(engine),
         "raw": raw_checkout(engine),
     }
@@ -99,8 +127,9 @@ def run(
     variants: list[Variant],
     skipped: dict[str, tuple[str, str]],
     progress: Callable[[str], None],
-) -> tuple[Table, list[Target], list[str]]:
-    """Return the table, the targets it checks, and one noise line per workload."""
+) -> tuple[list[Table], list[Target], list[str]]:
+    """Return the tables (every variant; session_monitor against the peers), the targets they
+    check, and one noise line per workload."""
     others = [variant for variant in variants if variant is not BARE]
     bare_all: dict[str, list[float]] = {key: [] for key, _ in WORKLOADS}
     aa: dict[str, Paired] = {key: Paired() for key, _ in WORKLOADS}
@@ -131,6 +160,19 @@ def run(
                 variant = blocks[index][0]
                 paired[(key, variant.key)].add(values[index], neighbour_mean(values, index))
 
+    table, targets, noise = _variants_table(settings, others, skipped, bare_all, aa, paired)
+    peer_table, peer_targets = _peer_table(others, skipped, bare_all, aa, paired)
+    return [table, peer_table], targets + peer_targets, noise
+
+
+def _variants_table(
+    settings: MicroSettings,
+    others: list[Variant],
+    skipped: dict[str, tuple[str, str]],
+    bare_all: dict[str, list[float]],
+    aa: dict[str, Paired],
+    paired: dict[tuple[str, str], Paired],
+) -> tuple[Table, list[Target], list[str]]:
     table = Table(
         "micro",
         f"micro: µs per operation, median of {settings.rounds} rounds (SQLite file, QueuePool)",
@@ -142,12 +184,9 @@ def run(
     for key, label in WORKLOADS:
         bare_median = statistics.median(bare_all[key])
         if aa[key].ratios:
-            aa_text = ratio_text(aa[key].ratio, aa[key].ratio_range) + " A/A"
             low, high = aa[key].ratio_range
             noise.append(f"{label}: bare vs bare {low:.3f}-{high:.3f}")
-        else:
-            aa_text = "1.000 (A/A needs ≥2 variants)"
-        table.add(label, BARE.label, us(bare_median), "—", aa_text, "")
+        table.add(label, BARE.label, us(bare_median), "—", _aa_text(aa[key]), "")
         for variant in others:
             measured = paired[(key, variant.key)]
             limit = limits.get((key, variant.key))
@@ -178,3 +217,103 @@ def run(
         "median over rounds; A/A compares bare blocks with their neighbours (noise floor)."
     )
     return table, targets, noise
+
+
+def _aa_text(aa: Paired) -> str:
+    if not aa.ratios:
+        return "1.000 (A/A needs ≥2 variants)"
+    return ratio_text(aa.ratio, aa.ratio_range) + " A/A"
+
+
+def _peer_table(
+    others: list[Variant],
+    skipped: dict[str, tuple[str, str]],
+    bare_all: dict[str, list[float]],
+    aa: dict[str, Paired],
+    paired: dict[tuple[str, str], Paired],
+) -> tuple[Table, list[Target]]:
+    """session_monitor default's Δ µs beside each peer's, operation by operation."""
+    measured_peers = [peer for peer in PEERS if peer in others]
+    table = Table(
+        "micro-peers",
+        "micro vs peers: Δ µs over bare per operation, session_monitor default and each peer",
+        (
+            "operation",
+            f"{DEFAULT.label} Δ µs",
+            *(f"{peer.label} Δ µs" for peer in PEERS),
+            "lower than every peer",
+            f"{DEFAULT.label} ratio to bare (min-max)",
+            "bare A/A noise (min-max)",
+            "target",
+        ),
+    )
+    targets: list[Target] = []
+    for key, label in WORKLOADS:
+        bare_median = statistics.median(bare_all[key])
+        own = paired[(key, DEFAULT.key)]
+        own_delta = own.median - bare_median
+        peer_deltas = {
+            peer.key: paired[(key, peer.key)].median - bare_median for peer in measured_peers
+        }
+        peer_cells = [
+            delta(peer_deltas[peer.key]) if peer.key in peer_deltas else "skipped" for peer in PEERS
+        ]
+        if peer_deltas:
+            lower = all(own_delta < other for other in peer_deltas.values())
+            lower_text = "yes" if lower else "no"
+        else:
+            lower = False
+            lower_text = "— (no peer ran)"
+        checks: list[str] = []
+        if key in PEER_TARGET_WORKLOADS:
+            partial = (
+                f" ({len(peer_deltas)} of {len(PEERS)} peers ran)"
+                if len(peer_deltas) < len(PEERS)
+                else ""
+            )
+            lower_check = f"lower than every peer{partial} {'PASS' if lower else 'MISS'}"
+            checks.append(lower_check)
+            targets.append(
+                Target(
+                    f"{label}: {DEFAULT.label} Δ µs lower than every peer's",
+                    f"{delta(own_delta)} µs vs "
+                    + (
+                        ", ".join(
+                            f"{delta(peer_deltas[peer.key])} µs ({peer.label})"
+                            for peer in measured_peers
+                        )
+                        or "no peer"
+                    ),
+                    lower_check,
+                )
+            )
+        if key == "lifecycle":
+            ratio_check = verdict(own.ratio, PEER_LIFECYCLE_LIMIT)
+            checks.append(ratio_check)
+            targets.append(
+                Target(
+                    f"{label}, {DEFAULT.label} (peer comparison)",
+                    f"{own.ratio:.3f}x ({delta(own_delta)} µs)",
+                    ratio_check,
+                )
+            )
+        table.add(
+            label,
+            delta(own_delta),
+            *peer_cells,
+            lower_text,
+            ratio_text(own.ratio, own.ratio_range),
+            _aa_text(aa[key]).removesuffix(" A/A"),
+            "; ".join(checks),
+        )
+    table.notes.append(
+        "Δ µs: the variant's median minus the median of all bare blocks, from the table above. "
+        "lower than every peer: session_monitor default's Δ µs strictly below each peer's "
+        "(medians; a difference inside the A/A range is not one this run can tell apart). "
+        f"Targets on {', '.join(label for key, label in WORKLOADS if key in PEER_TARGET_WORKLOADS)}"
+        f"; session lifecycle also ≤{PEER_LIFECYCLE_LIMIT:g}x bare."
+    )
+    for peer in PEERS:
+        if peer.key in skipped:
+            table.notes.append(f"{peer.label} skipped: {skipped[peer.key][1]}")
+    return table, targets

@@ -26,6 +26,7 @@ PACKAGES = (
     "prometheus-client",
     "opentelemetry-sdk",
     "opentelemetry-instrumentation-sqlalchemy",
+    "fastapi-sqlalchemy-monitor",
     "fastapi",
     "uvicorn",
 )
@@ -202,10 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         db_path = str(workdir / "bench.db")
         if "micro" in sections:
             variants, skipped = available(str(workdir / "probe.db"))
-            table, found, noise = micro.run(
+            for label, reason in skipped.values():
+                _progress(f"micro: skipping {label}: {reason}")
+            new, found, noise = micro.run(
                 micro.QUICK if quick else micro.FULL, db_path, variants, skipped, _progress
             )
-            show("micro", [table])
+            show("micro", new)
             targets += found
         if "http" in sections:
             new, found = http_load.run(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from session_monitor import SessionMonitor
 
@@ -97,11 +97,54 @@ def _otel_contrib(engine: Engine) -> Undo:
     return undo
 
 
+# fastapi-sqlalchemy-monitor ships no py.typed: it is imported by name, its objects typed Any.
+PEER_PACKAGE = "fastapi_sqlalchemy_monitor"
+
+
+def peer_actions() -> list[Any]:
+    """The actions of fastapi-sqlalchemy-monitor's README quick start, as it configures them."""
+    action = importlib.import_module(f"{PEER_PACKAGE}.action")
+    return [action.WarnMaxTotalInvocation(max_invocations=10), action.PrintStatistics()]
+
+
+def peer_middleware() -> Any:
+    """fastapi-sqlalchemy-monitor's middleware class, for ``app.add_middleware``."""
+    return importlib.import_module(PEER_PACKAGE).SQLAlchemyMonitor
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    """Stands for the ASGI app the middleware wraps: the micro benchmark serves no request."""
+
+
+def _fastapi_sqlalchemy_monitor(engine: Engine) -> Undo:
+    # What one request under the middleware of the README's quick start does to the database
+    # work, without HTTP: Starlette builds the middleware with the app it wraps and the
+    # add_middleware() keywords, and its __init__ registers the two cursor-execute listeners on
+    # the engine; at the start of each request dispatch() sets the ContextVar those listeners
+    # update (init_statistics). The actions run after the response, never during the database
+    # work, so they are passed as the README does but not called here.
+    middleware = peer_middleware()(_no_app, engine=engine, actions=peer_actions())
+    middleware.init_statistics()
+
+    def undo() -> None:
+        # The package never removes its listeners; the benchmark does, to leave bare blocks bare.
+        event.remove(engine, "before_cursor_execute", middleware.before_cursor_execute)
+        event.remove(engine, "after_cursor_execute", middleware.after_cursor_execute)
+        middleware.request_context.set(None)
+
+    return undo
+
+
 BARE = Variant("bare", "bare", _bare)
 DEFAULT = Variant("default", "session_monitor default", _default)
 STACKS = Variant("stacks", "session_monitor capture_stacks=True", _stacks)
 OTEL = Variant("otel", "session_monitor + OTel (tracing.py)", _otel)
 OTEL_CONTRIB = Variant("otel-contrib", "opentelemetry-instrumentation-sqlalchemy", _otel_contrib)
+FASTAPI_SQLALCHEMY_MONITOR = Variant(
+    "fastapi-sqlalchemy-monitor", "fastapi-sqlalchemy-monitor", _fastapi_sqlalchemy_monitor
+)
+# The other libraries session_monitor's default cost is compared with, op by op.
+PEERS = (OTEL_CONTRIB, FASTAPI_SQLALCHEMY_MONITOR)
 
 
 def _missing(module: str) -> str | None:
@@ -143,11 +186,18 @@ def available(scratch_db: str) -> tuple[list[Variant], dict[str, tuple[str, str]
         chosen.append(OTEL)
     else:
         skipped[OTEL.key] = (OTEL.label, reason)
-    reason = _missing("opentelemetry.instrumentation.sqlalchemy") or _probe(
-        OTEL_CONTRIB, scratch_db
-    )
-    if reason is None:
-        chosen.append(OTEL_CONTRIB)
-    else:
-        skipped[OTEL_CONTRIB.key] = (OTEL_CONTRIB.label, reason)
+    for peer, module in (
+        (OTEL_CONTRIB, "opentelemetry.instrumentation.sqlalchemy"),
+        (FASTAPI_SQLALCHEMY_MONITOR, PEER_PACKAGE),
+    ):
+        reason = _missing(module) or _probe(peer, scratch_db)
+        if reason is None:
+            chosen.append(peer)
+        else:
+            skipped[peer.key] = (peer.label, reason)
     return chosen, skipped
+
+
+def peer_missing() -> str | None:
+    """Why fastapi-sqlalchemy-monitor cannot be used, or None."""
+    return _missing(PEER_PACKAGE)

@@ -25,12 +25,22 @@ VERDICT = re.compile(r"(PASS|MISS)$")
 
 WORKLOADS = (
     "session lifecycle",
+    "session of 5 statements",
     "Core connect()+execute",
+    "engine.connect().close()",
     "pool.connect().close()",
     "engine.raw_connection().close()",
 )
 ALWAYS_RUN = ("bare", "session_monitor default", "session_monitor capture_stacks=True")
-OPTIONAL = ("session_monitor + OTel (tracing.py)", "opentelemetry-instrumentation-sqlalchemy")
+PEERS = ("opentelemetry-instrumentation-sqlalchemy", "fastapi-sqlalchemy-monitor")
+OPTIONAL = ("session_monitor + OTel (tracing.py)", *PEERS)
+# The operations on which session_monitor's cost is compared with the peers' against a target.
+PEER_TARGETS = (
+    "session lifecycle",
+    "session of 5 statements",
+    "Core connect()+execute",
+    "engine.connect().close()",
+)
 
 
 @dataclass
@@ -64,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     results = tmp_path_factory.mktemp("bench") / "RESULTS.md"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--output", str(results)]
     if shutil.which("wrk") is None:
-        command += ["--only", "micro,scale,memory"]
+        command += ["--only", "micro,asgi,scale,memory"]
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
@@ -97,6 +107,24 @@ def test_micro_has_every_operation_and_variant(run: Run) -> None:
     assert all(VERDICT.search(row[5]) for row in targets)
 
 
+def test_micro_peer_table(run: Run) -> None:
+    rows = run.table("micro vs peers:")
+    assert [row[0] for row in rows] == list(WORKLOADS)
+    for row in rows:
+        assert DELTA.match(row[1]), row
+        for cell in row[2 : 2 + len(PEERS)]:
+            assert cell == "skipped" or DELTA.match(cell), row
+        lower, own_ratio, noise, target = row[2 + len(PEERS) :]
+        assert lower in ("yes", "no", "— (no peer ran)"), row
+        assert RATIO.match(own_ratio) and RATIO.match(noise), row
+        if row[0] in PEER_TARGETS:
+            assert "lower than every peer" in target and VERDICT.search(target), row
+        else:
+            assert target == "", row
+    (lifecycle,) = [row for row in rows if row[0] == "session lifecycle"]
+    assert "≤1.15x" in lifecycle[-1]
+
+
 def test_scale_tables(run: Run) -> None:
     threads = run.table("scale: wall time per session lifecycle vs threads")
     pools = run.table("scale: wall time per session lifecycle vs pool size")
@@ -127,6 +155,12 @@ def test_asgi_table(run: Run) -> None:
     for row in rows:
         _numbers(row[1], row[2])
         assert DELTA.match(row[3]) and RATIO.match(row[4]), row
+        # fastapi-sqlalchemy-monitor's columns
+        if row[5] == "skipped":
+            assert row[6:] == ["—", "—"], row
+        else:
+            _numbers(row[5])
+            assert DELTA.match(row[6]) and RATIO.match(row[7]), row
 
 
 def test_http_tables(run: Run) -> None:

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV20 ?= .venv-sqlalchemy20
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench wheel-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(VENV)/.installed
 test: lint $(VENV20)/.installed
 	$(VENV)/bin/pytest
 	$(VENV20)/bin/pytest -m "not e2e" tests/test_core.py tests/test_api.py tests/test_concurrency.py tests/test_postgres.py tests/test_tracing.py tests/test_first_law.py
+
+# The built wheel alone in a new venv, used from outside the checkout (.ci/wheel_smoke.sh).
+wheel-smoke: $(VENV)/.installed
+	PYTHON=$(VENV)/bin/python bash .ci/wheel_smoke.sh
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks

@@ -20,8 +20,38 @@ class MonitorConfig:
     excluded_paths: frozenset[str] = field(default_factory=frozenset)
     metrics_path: str | None = "/metrics"
     log_leaks: bool = True
+    # 5 s: far above a healthy request's time between two statements of one transaction, well
+    # under the 30 s pool_timeout after which a starved pool starts failing requests.
+    idle_in_transaction_threshold: float | None = 5.0
+    timeout_log_interval: float = 10.0
+    diagnostics_path: str | None = None
+    diagnostics_token: str | None = None
 
     def __post_init__(self) -> None:
+        if self.diagnostics_path is not None and (
+            not isinstance(self.diagnostics_path, str)
+            or not self.diagnostics_path.startswith("/")
+            or self.diagnostics_path.rstrip("/") == (self.metrics_path or "").rstrip("/")
+        ):
+            raise ConfigurationError(
+                "diagnostics_path must be a URL path starting with '/' other than metrics_path "
+                f"(for example '/_session_monitor'), or None, got {self.diagnostics_path!r}"
+            )
+        if self.diagnostics_token is not None and (
+            not isinstance(self.diagnostics_token, str) or len(self.diagnostics_token) < 16
+        ):
+            raise ConfigurationError(
+                "diagnostics_token must be a string of at least 16 characters (for example "
+                "secrets.token_urlsafe()), or None to answer loopback clients only"
+            )
+        for name in ("idle_in_transaction_threshold", "timeout_log_interval"):
+            seconds = getattr(self, name)
+            if (seconds is not None or name == "timeout_log_interval") and not _positive(seconds):
+                raise ConfigurationError(
+                    f"{name} must be a positive number of seconds"
+                    + (" or None to switch it off" if name.startswith("idle") else "")
+                    + f", got {seconds!r}"
+                )
         if self.pool_name is not None and (
             not isinstance(self.pool_name, str) or not self.pool_name.strip()
         ):
@@ -63,6 +93,15 @@ class MonitorConfig:
                 "metrics_path must be a URL path starting with '/' (for example '/metrics') "
                 f"or None to serve no metrics endpoint, got {self.metrics_path!r}"
             )
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def excluded_path_set(paths: Iterable[str] | str | None) -> frozenset[str]:

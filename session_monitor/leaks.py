@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,7 @@ from .stacks import format_location, format_stack
 if TYPE_CHECKING:
     from .context import RequestScope
     from .observer import Fanout
-    from .records import TrackedCheckout, TrackedSession
+    from .records import SessionView, TrackedCheckout, TrackedSession
 
 logger = logging.getLogger("session_monitor")
 
@@ -50,6 +52,8 @@ class LeakDetector:
         self._lock = lock  # the session tracker's: it guards leak_reason and the counters
         self._emit = observers
         self._log = log_leaks
+        # The last leaks, for the diagnostics page: (time.time(), reason, the session's view).
+        self.recent: deque[tuple[float, str, SessionView]] = deque(maxlen=20)
 
     def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None:
         with self._lock:
@@ -58,6 +62,7 @@ class LeakDetector:
             tracked.leak_reason = reason
             leaked = tracked.stats.leaked
             leaked[reason] = leaked.get(reason, 0) + 1  # rare: a call here is fine
+        self.recent.append((time.time(), reason, tracked.view))
         if self._emit is not None:
             self._emit.session_leaked(tracked.view, reason)
         if self._log:

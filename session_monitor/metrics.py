@@ -175,6 +175,39 @@ TRANSACTION_DURATION = MetricSpec(
     otel_name="db.client.transaction.duration",
     unit="s",
 )
+WAITED = MetricSpec(
+    "sqlalchemy_pool_waited_checkouts",
+    "counter",
+    "Checkouts that found no idle connection and no room to open one, and had to wait.",
+    POOL,
+    otel_name="session_monitor.connection.waited_checkouts",
+    unit="{checkout}",
+)
+CANCELLED_WAITS = MetricSpec(
+    "sqlalchemy_pool_cancelled_waits",
+    "counter",
+    "Waits for a connection given up by the caller before one came (a cancelled task, e.g. "
+    "the client went away).",
+    POOL,
+    otel_name="session_monitor.connection.cancelled_waits",
+    unit="{wait}",
+)
+USED_PEAK = MetricSpec(
+    "sqlalchemy_pool_used_peak",
+    "gauge",
+    "Most connections in use at once since the previous scrape (so a peak between two "
+    "scrapes is not lost).",
+    POOL,
+)
+IDLE_IN_TRANSACTION = MetricSpec(
+    "sqlalchemy_sessions_idle_in_transaction",
+    "counter",
+    "Connections held inside a transaction while their holder was elsewhere than SQLAlchemy or "
+    "the driver for longer than idle_in_transaction_threshold; each once.",
+    SESSION,
+    otel_name="session_monitor.session.idle_in_transaction",
+    unit="{session}",
+)
 INTERNAL_ERRORS = MetricSpec(
     "session_monitor_internal_errors",
     "counter",
@@ -193,6 +226,9 @@ ALL_METRICS = (
     USE_TIME,
     CREATE_TIME,
     INVALIDATIONS,
+    WAITED,
+    CANCELLED_WAITS,
+    USED_PEAK,
     SESSIONS_OPENED,
     SESSIONS_CLOSED,
     SESSIONS_ACTIVE,
@@ -200,6 +236,7 @@ ALL_METRICS = (
     SESSIONS_LEAKED,
     TRANSACTIONS,
     TRANSACTION_DURATION,
+    IDLE_IN_TRANSACTION,
     INTERNAL_ERRORS,
 )
 
@@ -258,6 +295,7 @@ class PrometheusCollector:
             _gauge(PENDING_REQUESTS),
         )
         timeouts, invalidations = _counter(TIMEOUTS), _counter(INVALIDATIONS)
+        waited, cancelled, peak = _counter(WAITED), _counter(CANCELLED_WAITS), _gauge(USED_PEAK)
         wait, use, create = _histogram(WAIT_TIME), _histogram(USE_TIME), _histogram(CREATE_TIME)
         for pool in self._pools():
             name, stats = pool.name, pool.stats
@@ -272,6 +310,9 @@ class PrometheusCollector:
             _add(create, [name], stats.create)
             invalidations.add_metric([name, "false"], stats.invalidated)
             invalidations.add_metric([name, "true"], stats.soft_invalidated)
+            waited.add_metric([name], stats.waited)
+            cancelled.add_metric([name], stats.cancelled)
+            peak.add_metric([name], max(stats.peak_used, pool.used))
         opened, closed, active = (
             _counter(SESSIONS_OPENED),
             _counter(SESSIONS_CLOSED),
@@ -282,6 +323,7 @@ class PrometheusCollector:
             _counter(TRANSACTIONS),
             _histogram(TRANSACTION_DURATION),
         )
+        idle_in_transaction = _counter(IDLE_IN_TRANSACTION)
         for (route, method), session in sorted(self._sessions().items()):
             labels = [route, method]
             opened.add_metric(labels, session.opened)
@@ -293,11 +335,15 @@ class PrometheusCollector:
             for outcome, histogram in sorted(session.transactions.items()):
                 transactions.add_metric([*labels, outcome], histogram.count)
                 _add(transaction_duration, [*labels, outcome], histogram)
+            if session.idle_in_transaction:
+                idle_in_transaction.add_metric(labels, session.idle_in_transaction)
         errors = _counter(INTERNAL_ERRORS)
         for listener, failures in sorted(self._errors().items()):
             errors.add_metric([listener], failures)
         yield from (count, maximum, pending, timeouts, wait, use, create, invalidations)
+        yield from (waited, cancelled, peak)
         yield from (opened, closed, active, duration, leaked, transactions, transaction_duration)
+        yield idle_in_transaction
         yield errors
 
 

@@ -5,9 +5,9 @@ yield-dependency cleanup has run and background tasks are done, which is the mom
 certain; and ContextVars set here reach the app. It creates no state of its own: Starlette may
 build it lazily, and more than once.
 
-`SessionMonitor.instrument_app` puts it around the whole stack Starlette builds, error handling
-and every user middleware included, whenever they were added: a middleware that closes the
-request's sessions (``scoped_session.remove()``) has finished when this one checks.
+`SessionMonitor.instrument_app` makes it the outermost user middleware when Starlette builds the
+stack, whenever the others were added: a middleware that closes the request's sessions
+(``scoped_session.remove()``) has finished when this one checks.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class SessionMonitorMiddleware:
         path = app_path(scope)
         if path == monitor.config.metrics_path and monitor.metrics_app is not None:
             await monitor.metrics_app(scope, receive, send)
+            return
+        diagnostics = monitor.diagnostics_app
+        if diagnostics is not None and diagnostics.handles(path):
+            await diagnostics(scope, receive, send, path)
             return
         if path in monitor.config.excluded_paths:
             await self.app(scope, receive, send)

@@ -22,16 +22,22 @@ from . import _hooks
 from ._listeners import Guard
 from .config import ConfigurationError, MonitorConfig, excluded_path_set
 from .context import RequestScope
+from .diagnostics import DiagnosticsApp
+from .holders import HolderView, PoolEvent, PoolUsage, holder_views
+from .idle import IdleInTransactionSampler
 from .leaks import AgeWatcher
 from .metrics import PrometheusCollector
 from .middleware import SessionMonitorMiddleware
 from .observer import Fanout, Observer
 from .pool import PoolTracker
+from .records import SessionView
 from .sessions import SessionTracker
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.orm import Session
 
+    from .records import SessionView
     from .tracing import OpenTelemetryObserver
 
     EngineLike = Engine | AsyncEngine
@@ -82,6 +88,10 @@ class SessionMonitor:
         excluded_paths: Iterable[str] | None = None,
         metrics_path: str | None = "/metrics",
         log_leaks: bool = True,
+        idle_in_transaction_threshold: float | None = 5.0,
+        timeout_log_interval: float = 10.0,
+        diagnostics_path: str | None = None,
+        diagnostics_token: str | None = None,
         opentelemetry: bool | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
@@ -96,6 +106,10 @@ class SessionMonitor:
             excluded_paths=excluded_path_set(excluded_paths),
             metrics_path=metrics_path,
             log_leaks=log_leaks,
+            idle_in_transaction_threshold=idle_in_transaction_threshold,
+            timeout_log_interval=timeout_log_interval,
+            diagnostics_path=diagnostics_path,
+            diagnostics_token=diagnostics_token,
         )
         if pool_name is not None and len(sync_engines) != 1:
             raise ConfigurationError(
@@ -147,6 +161,7 @@ class SessionMonitor:
             every_engine=not sync_engines,
             pool_name=pool_name,
             stack_depth=stack_depth if capture_stacks else 0,
+            timeout_log_interval=timeout_log_interval,
         )
         self._sessions.entry_for = self._pools.entry_for
         if self._otel is not None:
@@ -162,8 +177,14 @@ class SessionMonitor:
             )
             self._collectors = [self.metrics]
         self.metrics_app = self._build_metrics_app(registry)
+        self.diagnostics_app = (
+            None
+            if diagnostics_path is None
+            else DiagnosticsApp(self, diagnostics_path, diagnostics_token, self._guard.failed)
+        )
         self._engines = [weakref.ref(engine) for engine in sync_engines]
         self._age_watcher: AgeWatcher | None = None
+        self._idle_sampler: IdleInTransactionSampler | None = None
         self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self.instrumented = False
         self.instrument()
@@ -220,6 +241,15 @@ class SessionMonitor:
                 self._guard.failed,
             )
             self._age_watcher.start()
+        idle_threshold = self.config.idle_in_transaction_threshold
+        if idle_threshold is not None:
+            self._idle_sampler = IdleInTransactionSampler(
+                idle_threshold,
+                self._pools.checkouts,
+                self._sessions.idle_in_transaction,
+                self._guard.failed,
+            )
+            self._idle_sampler.start()
         for purpose, method in _hooks.missing():
             # A SQLAlchemy release without one of the private methods we wrap: that piece is
             # off, everything else works.
@@ -245,20 +275,35 @@ class SessionMonitor:
         self.instrumented = True
 
     def instrument_app(self, app: Any) -> Any:
-        """Put the middleware (which also serves `metrics_path`) around a Starlette/FastAPI app.
+        """Put the middleware (which also serves `metrics_path`) into a Starlette/FastAPI app.
 
-        It wraps the whole middleware stack, whatever is added after this call: a middleware
-        that closes the request's sessions (``scoped_session.remove()``) must have run before
-        the request-end leak check does."""
+        It is built as the outermost user middleware, whatever is added after this call: a
+        middleware that closes the request's sessions (``scoped_session.remove()``) must have
+        run before the request-end leak check does."""
         if app in self._apps:
             warnings.warn("session_monitor: this app is already instrumented", stacklevel=2)
             return app
         build = getattr(app, "build_middleware_stack", None)
-        if callable(build) and getattr(app, "middleware_stack", ...) is None:
+        user_middleware = getattr(app, "user_middleware", None)
+        if (
+            callable(build)
+            and isinstance(user_middleware, list)
+            and getattr(app, "middleware_stack", ...) is None
+        ):
+            from starlette.middleware import Middleware  # an app of Starlette's: it is there
+
             monitor = self
 
             def build_middleware_stack() -> Any:
-                return SessionMonitorMiddleware(build(), monitor=monitor)
+                # The outermost of the user middleware, whenever the others were added: inside
+                # Starlette's error handling, where OpenTelemetry's FastAPI instrumentation
+                # expects to find it and puts its server span around everything else.
+                ours = Middleware(SessionMonitorMiddleware, monitor=monitor)
+                user_middleware.insert(0, ours)
+                try:
+                    return build()
+                finally:
+                    user_middleware.remove(ours)
 
             build_middleware_stack.session_monitor = self  # type: ignore[attr-defined]
             app.build_middleware_stack = build_middleware_stack
@@ -280,6 +325,9 @@ class SessionMonitor:
         if self._age_watcher is not None:
             self._age_watcher.stop()
             self._age_watcher = None
+        if self._idle_sampler is not None:
+            self._idle_sampler.stop()
+            self._idle_sampler = None
         for app in list(self._apps):
             # A stack built already keeps the middleware, which now passes requests through.
             if getattr(vars(app).get("build_middleware_stack"), "session_monitor", None) is self:
@@ -320,6 +368,27 @@ class SessionMonitor:
         with self._errors_lock:
             return dict(self._errors)
 
+    # -- who holds the pool ---------------------------------------------------------------------
+
+    def holders(self) -> list[HolderView]:
+        """Every connection checked out from a watched pool now, oldest first: what holds it,
+        where it was opened, its transaction, and where its holder (thread or task) is now."""
+        return holder_views(self._pools.checkouts())
+
+    def pool_usage(self) -> list[PoolUsage]:
+        """Each watched pool now: connections used and idle, callers waiting, its bound."""
+        return [
+            PoolUsage(state.name, *self._pools.usage(state)) for state in self._pools.states()
+        ]
+
+    def recent_leaks(self) -> list[tuple[float, str, SessionView]]:
+        """The last leaks, oldest first: (time.time(), reason, the session)."""
+        return list(self._sessions.leaks.recent)
+
+    def pool_events(self) -> list[PoolEvent]:
+        """The last pool timeouts and cancelled waits, newest last, with who held the pool."""
+        return list(self._pools.exhaustion.recent)
+
     # -- introspection, for tests and the benchmark --------------------------------------------
 
     @property
@@ -330,3 +399,9 @@ class SessionMonitor:
     @property
     def tracked_checkouts(self) -> int:
         return self._pools.tracked_checkouts
+
+    def view_of(self, session: Session) -> SessionView | None:
+        """The view of an ORM session this monitor counts as open now; None if it has not used
+        the database yet, is closed, or is on an engine not watched."""
+        tracked = self._sessions.tracked(session)
+        return None if tracked is None else tracked.view

@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .metrics import (
     ALL_METRICS,
+    CANCELLED_WAITS,
     CONNECTION_COUNT,
     CONNECTION_MAX,
     CREATE_TIME,
+    IDLE_IN_TRANSACTION,
     INTERNAL_ERRORS,
     INVALIDATIONS,
     PENDING_REQUESTS,
@@ -30,7 +32,9 @@ from .metrics import (
     TRANSACTION_DURATION,
     TRANSACTIONS,
     USE_TIME,
+    USED_PEAK,
     WAIT_TIME,
+    WAITED,
     MetricSpec,
 )
 
@@ -57,7 +61,8 @@ class PrometheusMetrics:
                 spec.name, spec.documentation, spec.labels, registry=registry, buckets=spec.buckets
             )
 
-        self.by_spec = {spec: make(spec) for spec in ALL_METRICS}
+        # A peak since the previous scrape needs the scrape: not in the workers' files.
+        self.by_spec = {spec: make(spec) for spec in ALL_METRICS if spec is not USED_PEAK}
         self._seen_pools: set[str] = set()
 
     def _pool(self, name: str) -> None:
@@ -67,6 +72,8 @@ class PrometheusMetrics:
             self._counter(INVALIDATIONS).labels(name, "false")
             self._counter(INVALIDATIONS).labels(name, "true")
             self._counter(TIMEOUTS).labels(name)
+            self._counter(WAITED).labels(name)
+            self._counter(CANCELLED_WAITS).labels(name)
             self._gauge(PENDING_REQUESTS).labels(name)
             for spec in (WAIT_TIME, USE_TIME, CREATE_TIME):
                 self._histogram(spec).labels(name)
@@ -120,9 +127,18 @@ class PrometheusMetrics:
         self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false").inc()
 
     def checkout_timed_out(
-        self, pool_name: str, waited: float, session: SessionView | None
+        self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
     ) -> None:
         self._counter(TIMEOUTS).labels(pool_name).inc()
+
+    def checkout_waited(self, pool_name: str) -> None:
+        self._counter(WAITED).labels(pool_name).inc()
+
+    def wait_cancelled(self, pool_name: str, waited: float) -> None:
+        self._counter(CANCELLED_WAITS).labels(pool_name).inc()
+
+    def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
+        self._counter(IDLE_IN_TRANSACTION).labels(session.route, session.method).inc()
 
     def pool_usage(self, pool_name: str, idle: int, used: int) -> None:
         self._pool(pool_name)

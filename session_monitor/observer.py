@@ -34,8 +34,17 @@ class Observer(Protocol):
     ) -> None: ...
 
     def checkout_timed_out(
-        self, pool_name: str, waited: float, session: SessionView | None
-    ) -> None: ...
+        self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
+    ) -> None:
+        """`holders`: who held the pool then, one line per opening location (`holders.py`)."""
+
+    def checkout_waited(self, pool_name: str) -> None:
+        """A checkout found no idle connection and no room to open one: it waits."""
+
+    def wait_cancelled(self, pool_name: str, waited: float) -> None: ...
+
+    def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
+        """Its connection is in a transaction, and its holder was elsewhere for `away` s."""
 
     def pool_usage(self, pool_name: str, idle: int, used: int) -> None: ...
 
@@ -73,7 +82,12 @@ class Fanout:
             setattr(self, name, self._deliver(name))
 
     def _deliver(self, event: str) -> Callable[..., None]:
-        receivers = tuple(getattr(observer, event) for observer in self.observers)
+        # An observer written before an event existed simply does not get it.
+        receivers = tuple(
+            receive
+            for observer in self.observers
+            if (receive := getattr(observer, event, None)) is not None
+        )
         failed = self._failed
 
         def deliver(*args: Any) -> None:
@@ -102,7 +116,10 @@ class Fanout:
     connection_checked_out: Callable[[CheckoutView, float], None]
     connection_checked_in: Callable[[CheckoutView, float], None]
     connection_invalidated: Callable[[str, bool, CheckoutView | None], None]
-    checkout_timed_out: Callable[[str, float, SessionView | None], None]
+    checkout_timed_out: Callable[[str, float, SessionView | None, tuple[str, ...]], None]
+    checkout_waited: Callable[[str], None]
+    wait_cancelled: Callable[[str, float], None]
+    session_idle_in_transaction: Callable[[SessionView, float], None]
     pool_usage: Callable[[str, int, int], None]
     pool_pending: Callable[[str, int], None]
     pool_capacity: Callable[[str, int | None], None]

@@ -49,6 +49,8 @@ WAIT_TIME = "session_monitor.connection.wait_time"
 USE_TIME = "session_monitor.connection.use_time"
 SOFT = "session_monitor.connection.soft"
 LISTENER = "session_monitor.listener"
+HOLDERS = "session_monitor.pool.holders"
+IDLE_FOR = "session_monitor.session.idle_for"
 
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.
 DB_SYSTEM_NAMES = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from asyncio import CancelledError
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy.engine import Engine
 from ._hooks import acquiring_session, acquisition
 from ._listeners import Guard
 from .context import current_request
+from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_state import EnginePool, PoolSnapshot, PoolState, root_engine
@@ -42,6 +44,7 @@ class PoolTracker:
         every_engine: bool,
         pool_name: str | None,
         stack_depth: int,
+        timeout_log_interval: float = 10.0,
     ) -> None:
         self._sessions = sessions
         self._emit = observers
@@ -57,6 +60,7 @@ class PoolTracker:
         self.engine_added: list[Callable[[Engine], None]] = []  # e.g. OpenTelemetry's listeners
         # False after uninstrument(): the listeners stay, doing nothing (see `stop_following`).
         self.following = True
+        self.exhaustion = ExhaustionReporter(timeout_log_interval)
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -137,20 +141,26 @@ class PoolTracker:
         self.following = True
 
     def snapshot(self) -> list[PoolSnapshot]:
+        """For a scrape: the peak in use starts again from the number in use now."""
         pools = []
         for state in list(self._states.values()):
             maximum = state.maximum()
             with state.lock:
+                used = len(state.checked_out)
                 pools.append(
-                    PoolSnapshot(
-                        state.name,
-                        len(state.idle),
-                        len(state.checked_out),
-                        maximum,
-                        state.stats.copy(),
-                    )
+                    PoolSnapshot(state.name, len(state.idle), used, maximum, state.stats.copy())
                 )
+                state.stats.peak_used = used
         return pools
+
+    def usage(self, state: PoolState) -> tuple[int, int, int, int | None]:
+        """(used, idle, pending, maximum) of a pool now, without touching the scrape's peak."""
+        maximum = state.maximum()
+        with state.lock:
+            return len(state.checked_out), len(state.idle), state.stats.pending, maximum
+
+    def states(self) -> list[PoolState]:
+        return list(self._states.values())
 
     def checkouts(self) -> Iterator[TrackedCheckout]:
         for state in list(self._states.values()):
@@ -209,15 +219,23 @@ class PoolTracker:
         state, pending = token
         if pending:
             self._pending(state, -1)
+        if failure is None:
+            return
         if isinstance(failure, exc.TimeoutError):
             self._timed_out(state, time.perf_counter() - started)
+        elif pending and isinstance(failure, CancelledError):
+            self._wait_cancelled(state, time.perf_counter() - started)
 
     def _pending(self, state: PoolState, delta: int) -> None:
         try:
             with state.lock:
                 state.stats.pending += delta
+                if delta > 0:
+                    state.stats.waited += 1
             if self._emit is not None:
                 self._emit.pool_pending(state.name, delta)
+                if delta > 0:
+                    self._emit.checkout_waited(state.name)
         except Exception:
             self._guard.failed("pool_pending")
 
@@ -225,14 +243,30 @@ class PoolTracker:
         try:
             with state.lock:
                 state.stats.timeouts += 1
+            holders = self._report_exhaustion(state, "timeout", waited)
             if self._emit is not None:
                 ref = acquiring_session.get()
                 orm_session = None if ref is None else ref()
                 tracked = None if orm_session is None else self._sessions.tracked(orm_session)
                 view = None if tracked is None else tracked.view
-                self._emit.checkout_timed_out(state.name, waited, view)
+                self._emit.checkout_timed_out(state.name, waited, view, holders)
         except Exception:
             self._guard.failed("timeout")
+
+    def _wait_cancelled(self, state: PoolState, waited: float) -> None:
+        try:
+            with state.lock:
+                state.stats.cancelled += 1
+            self._report_exhaustion(state, "cancelled", waited)
+            if self._emit is not None:
+                self._emit.wait_cancelled(state.name, waited)
+        except Exception:
+            self._guard.failed("wait_cancelled")
+
+    def _report_exhaustion(self, state: PoolState, kind: str, waited: float) -> tuple[str, ...]:
+        with state.lock:
+            held = list(state.checked_out.values())
+        return self.exhaustion.report(state.name, kind, waited, self.usage(state), held)
 
     # -- pool events -------------------------------------------------------------------------
 
@@ -289,8 +323,12 @@ class PoolTracker:
         histogram = state.stats.wait
         bucket = histogram.bucket(wait)
         idle = state.idle
+        stats = state.stats
         with state.lock:
-            state.checked_out[key] = checkout
+            checked_out = state.checked_out
+            checked_out[key] = checkout
+            if len(checked_out) > stats.peak_used:
+                stats.peak_used = len(checked_out)
             if key in idle:
                 del idle[key]
             histogram.counts[bucket] += 1

@@ -9,8 +9,10 @@ proxy are held through weak references only, so keeping a record never keeps the
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import weakref
+from asyncio import _get_running_loop, current_task
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .stacks import Location
@@ -118,15 +120,19 @@ class TrackedCheckout:
     __slots__ = (
         "__weakref__",
         "age_reported",
+        "away_since",
         "checked_out_at",
         "connection_key",
         "fairy_ref",
+        "idle_reported",
         "owner",
         "pool_name",
         "proxy_key",
         "record_key",
         "request",
         "returned",
+        "task_ref",
+        "thread_id",
         "transaction_closing",
         "transaction_started_at",
     )
@@ -153,6 +159,14 @@ class TrackedCheckout:
         self.transaction_closing = False
         self.connection_key: int | None = None  # id() of the Connection that began it
         self.proxy_key: int | None = None  # id() of the pool's connection proxy
+        # The holder, for `holders.py`: all that is learnt on the hot path. The task weakly.
+        self.thread_id = threading.get_ident()
+        loop = _get_running_loop()
+        task = None if loop is None else current_task(loop)
+        self.task_ref: weakref.ref[Any] | None = None if task is None else weakref.ref(task)
+        # The idle-in-transaction sampler's notes: since when the holder was seen elsewhere.
+        self.away_since: float | None = None
+        self.idle_reported: float | None = None  # the start of the transaction reported idle
 
     def view(self) -> CheckoutView:
         owner = self.owner

@@ -12,6 +12,7 @@ guards itself and never raises.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from ._listeners import Guard
 from .config import MonitorConfig
 from .context import RequestScope, current_request
+from .idle import idle_message
 from .leaks import LeakDetector
 from .naming import NO_REQUEST
 from .observer import Fanout
@@ -34,6 +36,8 @@ from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
 if TYPE_CHECKING:
     from .pool_state import EnginePool, PoolState
+
+logger = logging.getLogger("session_monitor")
 
 
 class SessionTracker:
@@ -168,6 +172,18 @@ class SessionTracker:
             self.leaks.leaked(tracked, "gc")
         if self._emit is not None:
             self._emit.session_closed(tracked.view, duration)
+
+    def idle_in_transaction(self, checkout: TrackedCheckout, away: float) -> None:
+        """The idle sampler's report: counted for the session's route, logged, emitted."""
+        owner = checkout.owner
+        if owner is None:
+            return
+        with self.lock:
+            owner.stats.idle_in_transaction += 1
+        if self._config.log_leaks:
+            logger.warning(idle_message(checkout, away))
+        if self._emit is not None:
+            self._emit.session_idle_in_transaction(owner.view, away)
 
     def stop_following(self) -> None:
         """At uninstrument, after the pools have counted their connections back: sessions

@@ -58,7 +58,7 @@ class Histogram:
 class SessionStats:
     """The sessions of one (route, method)."""
 
-    __slots__ = ("closed", "duration", "leaked", "opened", "transactions")
+    __slots__ = ("closed", "duration", "idle_in_transaction", "leaked", "opened", "transactions")
 
     def __init__(self) -> None:
         self.opened = 0
@@ -67,6 +67,7 @@ class SessionStats:
         self.leaked: dict[str, int] = {}
         # By outcome; a histogram's count is the number of transactions.
         self.transactions: dict[str, Histogram] = {}
+        self.idle_in_transaction = 0
 
     def copy(self) -> SessionStats:
         copied = SessionStats()
@@ -74,6 +75,7 @@ class SessionStats:
         copied.duration = self.duration.copy()
         copied.leaked = self.leaked.copy()
         copied.transactions = {k: v.copy() for k, v in self.transactions.items()}
+        copied.idle_in_transaction = self.idle_in_transaction
         return copied
 
 
@@ -81,14 +83,17 @@ class PoolStats:
     """The counted events of one pool name (its idle and used connections are sets in PoolState)."""
 
     __slots__ = (
+        "cancelled",
         "create",
         "invalidated",
         "maximum",
+        "peak_used",
         "pending",
         "soft_invalidated",
         "timeouts",
         "use",
         "wait",
+        "waited",
     )
 
     def __init__(self) -> None:
@@ -100,6 +105,9 @@ class PoolStats:
         self.soft_invalidated = 0
         self.pending = 0
         self.maximum: int | None = None
+        self.waited = 0  # checkouts that found no idle connection and had to wait
+        self.cancelled = 0  # waits the caller gave up (a cancelled task) before a connection came
+        self.peak_used = 0  # most connections in use at once since the last scrape
 
     def copy(self) -> PoolStats:
         copied = PoolStats()
@@ -107,4 +115,9 @@ class PoolStats:
         copied.create = self.create.copy()
         copied.timeouts, copied.pending, copied.maximum = self.timeouts, self.pending, self.maximum
         copied.invalidated, copied.soft_invalidated = self.invalidated, self.soft_invalidated
+        copied.waited, copied.cancelled, copied.peak_used = (
+            self.waited,
+            self.cancelled,
+            self.peak_used,
+        )
         return copied

@@ -43,6 +43,8 @@ from .otel_spans import (
     CONNECTION_STATE,
     DB_SYSTEM_NAME,
     DB_SYSTEM_NAMES,
+    HOLDERS,
+    IDLE_FOR,
     LEAK_REASON,
     LEAKED,
     LISTENER,
@@ -91,7 +93,7 @@ class OpenTelemetryObserver:
         # None falls back to the global providers, resolved by the API when first used.
         self._tracer = trace.get_tracer(SCOPE, __version__, tracer_provider)
         meter = metrics.get_meter(SCOPE, __version__, meter_provider)
-        made = {spec.name: _instrument(meter, spec) for spec in table.ALL_METRICS}
+        made = {spec.name: _instrument(meter, spec) for spec in table.ALL_METRICS if spec.otel_name}
         self.connection_count = made[table.CONNECTION_COUNT.name]
         self.connection_max = made[table.CONNECTION_MAX.name]
         self.pending_requests = made[table.PENDING_REQUESTS.name]
@@ -108,6 +110,9 @@ class OpenTelemetryObserver:
         self.transactions = made[table.TRANSACTIONS.name]
         self.transaction_duration = made[table.TRANSACTION_DURATION.name]
         self.internal_errors = made[table.INTERNAL_ERRORS.name]
+        self.waited_checkouts = made[table.WAITED.name]
+        self.cancelled_waits = made[table.CANCELLED_WAITS.name]
+        self.idle_in_transaction = made[table.IDLE_IN_TRANSACTION.name]
         self._session_attributes: dict[tuple[str, str], Attributes] = {}
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
@@ -244,11 +249,25 @@ class OpenTelemetryObserver:
         if state is not None:
             state.add_event("connection.invalidated", {SOFT: soft})
 
+    def checkout_waited(self, pool_name: str) -> None:
+        self.waited_checkouts.add(1, self._pool(pool_name))
+
+    def wait_cancelled(self, pool_name: str, waited: float) -> None:
+        self.cancelled_waits.add(1, self._pool(pool_name))
+
+    def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
+        self.idle_in_transaction.add(1, self._session(session))
+        state = self._span_of(session)
+        if state is not None:
+            state.add_event("session.idle_in_transaction", {IDLE_FOR: away})
+
     def checkout_timed_out(
-        self, pool_name: str, waited: float, session: SessionView | None
+        self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
     ) -> None:
         self.timeouts.add(1, self._pool(pool_name))
         attributes: Attributes = {POOL_NAME: pool_name, WAIT_TIME: waited}
+        if holders:
+            attributes[HOLDERS] = "\n".join(holders)
         state = self._span_of(session)
         if state is not None:
             state.add_event("pool.timeout", attributes)

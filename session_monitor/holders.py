@@ -1,0 +1,292 @@
+"""Who holds the pool: each checked-out connection, where it was opened, where its holder is now.
+
+At checkout the pool tracker remembers only the holder: the thread's id and, under asyncio, a weak
+reference to the task. Everything else is read when someone asks (`holders()`, a pool timeout,
+the diagnostics page, the idle-in-transaction sampler), from another thread:
+
+- a thread's current frames come from ``sys._current_frames()``;
+- a task's from its coroutine's await chain (``cr_await``), innermost last: the point where the
+  task is suspended. ``Task.get_stack()`` returns only the outermost coroutine's frame; a task
+  running right now is on its thread's current frames instead.
+
+"Busy in the database" means the innermost frame is SQLAlchemy's, the driver's, or the greenlet
+SQLAlchemy's asyncio extension runs them in; anything else is the application doing something else
+while it holds the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any, NamedTuple
+
+from .records import TrackedCheckout
+from .stacks import Location, application_stack, format_location
+
+# Where a holder's innermost frame means "in the database": SQLAlchemy and the usual drivers.
+_DATABASE_PACKAGES = (
+    "sqlalchemy",
+    "greenlet",
+    "sqlite3",
+    "psycopg",
+    "psycopg2",
+    "psycopg_pool",
+    "asyncpg",
+    "pymysql",
+    "MySQLdb",
+    "aiomysql",
+    "asyncmy",
+    "aiosqlite",
+    "oracledb",
+    "pyodbc",
+)
+_NOW_DEPTH = 8  # application frames kept of where a holder is now
+
+
+class HolderView(NamedTuple):
+    """One checked-out connection and what holds it, read at one moment."""
+
+    pool_name: str
+    kind: str  # "session" (ORM), "connection" (Core) or "raw" (a DBAPI connection)
+    session_id: int | None
+    route: str
+    method: str
+    held_for: float  # seconds since checkout
+    opened_at: Location | None  # the application line that opened its session
+    opened_stack: tuple[Location, ...]  # with capture_stacks=True
+    transaction_for: float | None  # seconds its transaction has been open; None: no transaction
+    holder: str  # "thread <name>" or "task <name>"
+    activity: str  # "database", "application", "awaiting", "leaked" or "unknown"
+    now_at: tuple[Location, ...]  # the holder's application frames now, innermost first
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self._asdict(),
+            "opened_at": _location_dict(self.opened_at),
+            "opened_stack": [_location_dict(f) for f in self.opened_stack],
+            "now_at": [_location_dict(f) for f in self.now_at],
+        }
+
+
+def _location_dict(location: Location | None) -> dict[str, Any] | None:
+    if location is None:
+        return None
+    filename, line, function = location
+    return {"file": filename, "line": line, "function": function}
+
+
+def _is_database_frame(frame: FrameType) -> bool:
+    module = frame.f_globals.get("__name__", "")
+    top = module.partition(".")[0] if isinstance(module, str) else ""
+    return top in _DATABASE_PACKAGES
+
+
+def _await_chain(coroutine: Any) -> list[FrameType]:
+    """The frames of a coroutine and of everything it awaits, outermost first."""
+    frames: list[FrameType] = []
+    seen = 0
+    while coroutine is not None and seen < 200:
+        seen += 1
+        frame = getattr(coroutine, "cr_frame", None) or getattr(coroutine, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coroutine = getattr(coroutine, "cr_await", None) or getattr(coroutine, "gi_yieldfrom", None)
+    return frames
+
+
+def _thread_frame(thread_id: int) -> FrameType | None:
+    return sys._current_frames().get(thread_id)
+
+
+def where_now(checkout: TrackedCheckout) -> tuple[str, str, tuple[Location, ...]]:
+    """(holder, activity, application frames innermost first) of a checkout's holder now."""
+    request = checkout.request
+    if request is not None and request.asgi_scope is None:
+        # Its request is over: whatever its thread or task does now, it is not holding this.
+        return "nobody (its request ended)", "leaked", ()
+    task = None if checkout.task_ref is None else checkout.task_ref()
+    if task is not None and not task.done():
+        coroutine = task.get_coro()
+        chain = _await_chain(coroutine)
+        name = f"task {task.get_name()}"
+        if chain and not getattr(coroutine, "cr_running", False):
+            innermost = chain[-1]
+            activity = "database" if _is_database_frame(innermost) else "awaiting"
+            stack: list[Location] = []
+            for frame in reversed(chain):
+                stack.extend(application_stack(_alone(frame), 1))
+                if len(stack) >= _NOW_DEPTH:
+                    break
+            return name, activity, tuple(stack)
+        # Running now: on its thread, perhaps blocking the event loop.
+        current = _thread_frame(checkout.thread_id)
+        return name, _activity(current), _stack(current)
+    current = _thread_frame(checkout.thread_id)
+    return f"thread {_thread_name(checkout.thread_id)}", _activity(current), _stack(current)
+
+
+class _Alone:
+    """A frame seen without its callers: an await chain links coroutines, not frames."""
+
+    __slots__ = ("f_back", "f_code", "f_lineno")
+
+    def __init__(self, frame: FrameType) -> None:
+        self.f_code, self.f_lineno, self.f_back = frame.f_code, frame.f_lineno, None
+
+
+def _alone(frame: FrameType) -> Any:
+    return _Alone(frame)
+
+
+def _activity(frame: FrameType | None) -> str:
+    if frame is None:
+        return "unknown"
+    return "database" if _is_database_frame(frame) else "application"
+
+
+def _stack(frame: FrameType | None) -> tuple[Location, ...]:
+    return () if frame is None else application_stack(frame, _NOW_DEPTH)
+
+
+def _thread_name(thread_id: int) -> str:
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.ident == thread_id:
+            return thread.name
+    return str(thread_id)
+
+
+def holder_view(checkout: TrackedCheckout, now: float) -> HolderView:
+    owner = checkout.owner
+    session = None if owner is None else owner.view
+    holder, activity, now_at = where_now(checkout)
+    started = checkout.transaction_started_at
+    return HolderView(
+        pool_name=checkout.pool_name,
+        kind="raw" if session is None else session.kind,
+        session_id=None if session is None else session.id,
+        route="<none>" if session is None else session.route,
+        method="<none>" if session is None else session.method,
+        held_for=now - checkout.checked_out_at,
+        opened_at=None if session is None else session.location,
+        opened_stack=() if session is None else session.stack,
+        transaction_for=None if started is None else now - started,
+        holder=holder,
+        activity=activity,
+        now_at=now_at,
+    )
+
+
+def holder_views(checkouts: Iterable[TrackedCheckout]) -> list[HolderView]:
+    """Every connection checked out now, oldest first."""
+    now = time.perf_counter()
+    views = [holder_view(c, now) for c in checkouts if not c.returned]
+    views.sort(key=lambda view: -view.held_for)
+    return views
+
+
+def summarize(holders: list[HolderView], limit: int = 3) -> list[str]:
+    """Holders grouped by where they were opened, biggest group first: one line per group."""
+    groups: dict[tuple[str, str, Location | None], list[HolderView]] = {}
+    for view in holders:
+        groups.setdefault((view.method, view.route, view.opened_at), []).append(view)
+    lines = []
+    ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
+    for (method, route, opened), members in ranked[:limit]:
+        oldest = max(members, key=lambda view: view.held_for)
+        request = "outside any request" if route == "<none>" else f"{method} {route}"
+        now = format_location(oldest.now_at[0]) if oldest.now_at else "<unknown>"
+        activity = Counter(view.activity for view in members).most_common(1)[0][0]
+        lines.append(
+            f"{len(members)} of {len(holders)} held by {request}, opened at "
+            f"{format_location(opened)}, oldest {oldest.held_for:.1f}s, now at {now} ({activity})"
+        )
+    if len(ranked) > limit:
+        rest = sum(len(members) for _, members in ranked[limit:])
+        lines.append(f"{rest} more in {len(ranked) - limit} other places")
+    return lines
+
+
+logger = logging.getLogger("session_monitor")
+
+
+class PoolUsage(NamedTuple):
+    name: str
+    used: int
+    idle: int
+    pending: int
+    maximum: int | None
+
+
+class PoolEvent(NamedTuple):
+    """A pool timeout or a cancelled wait, as the diagnostics page lists them."""
+
+    at: float  # time.time()
+    pool_name: str
+    kind: str  # "timeout" or "cancelled"
+    waited: float
+    used: int
+    idle: int
+    pending: int
+    maximum: int | None
+    holders: tuple[str, ...]
+
+
+class ExhaustionReporter:
+    """On a pool timeout or a cancelled wait: the holders, in one WARNING per pool per interval.
+
+    Every event is kept (the last few) for the diagnostics page; the WARNING says how many were
+    not logged since the previous one, so a storm of failed requests logs one line a period.
+    """
+
+    def __init__(self, interval: float, keep: int = 20) -> None:
+        self.interval = interval
+        self.recent: deque[PoolEvent] = deque(maxlen=keep)
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def report(
+        self,
+        pool_name: str,
+        kind: str,
+        waited: float,
+        usage: tuple[int, int, int, int | None],
+        checkouts: Iterable[TrackedCheckout],
+    ) -> tuple[str, ...]:
+        used, idle, pending, maximum = usage
+        lines = tuple(summarize(holder_views(checkouts)))
+        now = time.time()
+        self.recent.append(
+            PoolEvent(now, pool_name, kind, waited, used, idle, pending, maximum, lines)
+        )
+        with self._lock:
+            last = self._last_logged.get(pool_name)
+            if last is not None and now - last < self.interval:
+                self._unlogged[pool_name] = self._unlogged.get(pool_name, 0) + 1
+                return lines
+            self._last_logged[pool_name] = now
+            unlogged = self._unlogged.pop(pool_name, 0)
+        what = "timed out" if kind == "timeout" else "was cancelled"
+        bound = "no bound" if maximum is None else f"max {maximum}"
+        logger.warning(
+            "Pool %r exhausted: a checkout %s after %.1fs waiting; %d in use (%s), %d idle, "
+            "%d waiting%s. Held by:\n  %s",
+            pool_name,
+            what,
+            waited,
+            used,
+            bound,
+            idle,
+            pending,
+            f"; {unlogged} more since the last report" if unlogged else "",
+            "\n  ".join(lines) or "(no connection tracked)",
+        )
+        return lines

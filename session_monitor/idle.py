@@ -1,0 +1,98 @@
+"""Idle in transaction: a connection inside a transaction whose holder is busy elsewhere.
+
+A transaction left open while the code that holds it calls another service, renders a report or
+sleeps keeps its connection (and its locks) from everyone else: PostgreSQL calls it "idle in
+transaction". Nothing on the hot path can see it, so a daemon thread samples the holders of
+connections whose transaction has been open longer than one sampling interval (`holders.where_now`)
+and notes since when each was seen anywhere but SQLAlchemy or its driver. Past the threshold it is
+reported once per transaction. With no transaction older than the interval a sample costs one
+pass over the checked-out connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from .holders import where_now
+from .leaks import describe
+from .records import TrackedCheckout
+from .stacks import Location, format_location
+
+logger = logging.getLogger("session_monitor")
+
+
+class IdleInTransactionSampler:
+    def __init__(
+        self,
+        threshold: float,
+        checkouts: Callable[[], Iterable[TrackedCheckout]],
+        report: Callable[[TrackedCheckout, float], None],
+        on_error: Callable[[str], None],
+    ) -> None:
+        self.threshold = threshold
+        self._checkouts = checkouts
+        self._report = report
+        self._on_error = on_error
+        self._stop = threading.Event()
+        # Samples often enough to report within a fifth of the threshold past it.
+        self.interval = min(max(threshold / 5, 0.02), 1.0)
+        self._thread = threading.Thread(
+            target=self._run, name="session_monitor-idle-sampler", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:
+                self._on_error("idle_sampler")
+
+    def sample(self) -> None:
+        now = time.perf_counter()
+        for checkout in self._checkouts():
+            started = checkout.transaction_started_at
+            if (
+                started is None
+                or checkout.returned
+                or checkout.owner is None
+                or checkout.idle_reported == started
+                or now - started < self.interval
+            ):
+                continue
+            _, activity, _ = where_now(checkout)
+            if activity in ("database", "unknown"):
+                checkout.away_since = None
+                continue
+            away_since = checkout.away_since
+            if away_since is None or away_since < started:
+                # First seen elsewhere in this transaction: since now, as far as we know.
+                checkout.away_since = now
+            elif now - away_since >= self.threshold:
+                checkout.idle_reported = started
+                self._report(checkout, now - away_since)
+
+
+def idle_message(checkout: TrackedCheckout, away: float) -> str:
+    """The WARNING: what holds the connection, where it opened, and where its holder is now."""
+    holder, activity, now_at = where_now(checkout)
+    started = checkout.transaction_started_at
+    open_for = 0.0 if started is None else time.perf_counter() - started
+    assert checkout.owner is not None
+    now: Location | None = now_at[0] if now_at else None
+    return (
+        f"Connection idle in transaction: {describe(checkout.owner)}; its transaction has been "
+        f"open {open_for:.1f}s and its holder ({holder}) has been elsewhere for at least "
+        f"{away:.1f}s, now at {format_location(now)} ({activity}). Commit or roll back before "
+        "slow work, or do the slow work before opening the transaction."
+    )

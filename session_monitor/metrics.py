@@ -112,8 +112,10 @@ CREATE_TIME = MetricSpec(
 INVALIDATIONS = MetricSpec(
     "sqlalchemy_pool_invalidations",
     "counter",
-    "Pooled connections invalidated (soft: recycled at next checkout).",
-    (*POOL, "soft"),
+    "Pooled connections invalidated (soft: recycled at next checkout), by reason: error (a "
+    "disconnect seen by a statement), pre_ping (a failed pre-ping on checkout) or explicit "
+    "(the app's invalidate()).",
+    (*POOL, "soft", "reason"),
     otel_name="session_monitor.connection.invalidations",
     unit="{connection}",
 )
@@ -217,6 +219,9 @@ INTERNAL_ERRORS = MetricSpec(
     unit="{error}",
 )
 
+# Present at 0 from a pool's first scrape, so rate() and alerts see the first rise.
+INVALIDATION_SERIES = (("false", "error"), ("false", "pre_ping"), ("true", "explicit"))
+
 ALL_METRICS = (
     CONNECTION_COUNT,
     CONNECTION_MAX,
@@ -308,8 +313,9 @@ class PrometheusCollector:
             _add(wait, [name], stats.wait)
             _add(use, [name], stats.use)
             _add(create, [name], stats.create)
-            invalidations.add_metric([name, "false"], stats.invalidated)
-            invalidations.add_metric([name, "true"], stats.soft_invalidated)
+            counted = stats.invalidations
+            for soft, reason in sorted({*INVALIDATION_SERIES, *counted}):
+                invalidations.add_metric([name, soft, reason], counted.get((soft, reason), 0))
             waited.add_metric([name], stats.waited)
             cancelled.add_metric([name], stats.cancelled)
             peak.add_metric([name], max(stats.peak_used, pool.used))

@@ -21,6 +21,7 @@ from .metrics import (
     CREATE_TIME,
     IDLE_IN_TRANSACTION,
     INTERNAL_ERRORS,
+    INVALIDATION_SERIES,
     INVALIDATIONS,
     PENDING_REQUESTS,
     SESSION_DURATION,
@@ -69,8 +70,8 @@ class PrometheusMetrics:
         if name not in self._seen_pools:
             # A series that exists at 0 from the start lets rate() and alerts see its first rise.
             self._seen_pools.add(name)
-            self._counter(INVALIDATIONS).labels(name, "false")
-            self._counter(INVALIDATIONS).labels(name, "true")
+            for soft, reason in INVALIDATION_SERIES:
+                self._counter(INVALIDATIONS).labels(name, soft, reason)
             self._counter(TIMEOUTS).labels(name)
             self._counter(WAITED).labels(name)
             self._counter(CANCELLED_WAITS).labels(name)
@@ -122,9 +123,9 @@ class PrometheusMetrics:
         self._histogram(USE_TIME).labels(checkout.pool_name).observe(use)
 
     def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: CheckoutView | None
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
     ) -> None:
-        self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false").inc()
+        self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false", reason).inc()
 
     def checkout_timed_out(
         self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]

@@ -30,8 +30,9 @@ class Observer(Protocol):
     def connection_checked_in(self, checkout: CheckoutView, use: float) -> None: ...
 
     def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: CheckoutView | None
-    ) -> None: ...
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
+    ) -> None:
+        """`reason`: "error", "pre_ping" or "explicit" (see `pool.PoolTracker._invalidated`)."""
 
     def checkout_timed_out(
         self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
@@ -115,7 +116,7 @@ class Fanout:
     connection_created: Callable[[str, float], None]
     connection_checked_out: Callable[[CheckoutView, float], None]
     connection_checked_in: Callable[[CheckoutView, float], None]
-    connection_invalidated: Callable[[str, bool, CheckoutView | None], None]
+    connection_invalidated: Callable[[str, bool, CheckoutView | None, str], None]
     checkout_timed_out: Callable[[str, float, SessionView | None, tuple[str, ...]], None]
     checkout_waited: Callable[[str], None]
     wait_cancelled: Callable[[str, float], None]

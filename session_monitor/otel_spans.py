@@ -51,6 +51,7 @@ SOFT = "session_monitor.connection.soft"
 LISTENER = "session_monitor.listener"
 HOLDERS = "session_monitor.pool.holders"
 IDLE_FOR = "session_monitor.session.idle_for"
+INVALIDATION_REASON = "session_monitor.connection.invalidation_reason"
 
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.
 DB_SYSTEM_NAMES = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}

@@ -386,24 +386,32 @@ class PoolTracker:
     def _invalidate_evt(
         self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
     ) -> None:
-        self._invalidated(entry.state, record, soft=False)
+        self._invalidated(entry.state, record, exception, soft=False)
 
     def _soft_invalidate_evt(
         self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
     ) -> None:
-        self._invalidated(entry.state, record, soft=True)
+        self._invalidated(entry.state, record, exception, soft=True)
 
-    def _invalidated(self, state: PoolState, record: Any, *, soft: bool) -> None:
+    def _invalidated(self, state: PoolState, record: Any, exception: Any, *, soft: bool) -> None:
+        # What SQLAlchemy lets us tell apart: the app's own invalidate() passes no exception;
+        # a failed pre-ping (or a checkout listener's DisconnectionError) a DisconnectionError;
+        # a disconnect seen by a statement the driver's error. A recycle is no invalidation.
+        if exception is None:
+            reason = "explicit"
+        elif isinstance(exception, exc.DisconnectionError):
+            reason = "pre_ping"
+        else:
+            reason = "error"
         checkout = state.checked_out.get(id(record))
         if not soft and checkout is not None and checkout.transaction_started_at is not None:
             # The connection and its transaction are gone: whatever the app does next, that
             # transaction was rolled back.
             self._sessions.end_transaction(checkout, "rollback")
+        key = ("true" if soft else "false", reason)
+        invalidations = state.stats.invalidations
         with state.lock:
-            if soft:
-                state.stats.soft_invalidated += 1
-            else:
-                state.stats.invalidated += 1
+            invalidations[key] = invalidations.get(key, 0) + 1
         if self._emit is not None:
             view = None if checkout is None else checkout.view()
-            self._emit.connection_invalidated(state.name, soft, view)
+            self._emit.connection_invalidated(state.name, soft, view, reason)

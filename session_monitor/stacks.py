@@ -27,6 +27,7 @@ _LIBRARY_PACKAGES = (
     "httpcore",
     "pydantic",
     "_pytest",
+    "pytest",
     "pluggy",
 )
 

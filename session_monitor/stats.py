@@ -85,11 +85,10 @@ class PoolStats:
     __slots__ = (
         "cancelled",
         "create",
-        "invalidated",
+        "invalidations",
         "maximum",
         "peak_used",
         "pending",
-        "soft_invalidated",
         "timeouts",
         "use",
         "wait",
@@ -101,8 +100,8 @@ class PoolStats:
         self.use = Histogram(HOLD_BUCKETS)
         self.create = Histogram(CREATE_BUCKETS)
         self.timeouts = 0
-        self.invalidated = 0
-        self.soft_invalidated = 0
+        # (soft: "true"/"false", reason: "error", "explicit" or "pre_ping") -> count
+        self.invalidations: dict[tuple[str, str], int] = {}
         self.pending = 0
         self.maximum: int | None = None
         self.waited = 0  # checkouts that found no idle connection and had to wait
@@ -114,7 +113,7 @@ class PoolStats:
         copied.wait, copied.use = self.wait.copy(), self.use.copy()
         copied.create = self.create.copy()
         copied.timeouts, copied.pending, copied.maximum = self.timeouts, self.pending, self.maximum
-        copied.invalidated, copied.soft_invalidated = self.invalidated, self.soft_invalidated
+        copied.invalidations = self.invalidations.copy()
         copied.waited, copied.cancelled, copied.peak_used = (
             self.waited,
             self.cancelled,

@@ -45,6 +45,7 @@ from .otel_spans import (
     DB_SYSTEM_NAMES,
     HOLDERS,
     IDLE_FOR,
+    INVALIDATION_REASON,
     LEAK_REASON,
     LEAKED,
     LISTENER,
@@ -242,12 +243,12 @@ class OpenTelemetryObserver:
             state.checked_in(checkout, use)
 
     def connection_invalidated(
-        self, pool_name: str, soft: bool, checkout: CheckoutView | None
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
     ) -> None:
-        self.invalidations.add(1, {POOL_NAME: pool_name, SOFT: soft})
+        self.invalidations.add(1, {POOL_NAME: pool_name, SOFT: soft, INVALIDATION_REASON: reason})
         state = None if checkout is None else self._span_of(checkout.session)
         if state is not None:
-            state.add_event("connection.invalidated", {SOFT: soft})
+            state.add_event("connection.invalidated", {SOFT: soft, INVALIDATION_REASON: reason})
 
     def checkout_waited(self, pool_name: str) -> None:
         self.waited_checkouts.add(1, self._pool(pool_name))

@@ -214,8 +214,8 @@ async def test_invalidate_is_counted_and_the_pool_reconnects(
     assert (await client.get("/demo/core")).status_code == 200
 
     invalidations = "sqlalchemy_pool_invalidations_total"
-    assert pool_sample(registry, invalidations, soft="false") == 1
-    assert pool_sample(registry, invalidations, soft="true") == 0
+    assert pool_sample(registry, invalidations, soft="false", reason="explicit") == 1
+    assert pool_sample(registry, invalidations, soft="true", reason="explicit") == 0
     # The connection was discarded: the next checkout opened a new one.
     assert pool_sample(registry, "db_client_connection_create_time_seconds_count") == 2
     assert pool_sample(registry, "db_client_connection_count", state="used") == 0

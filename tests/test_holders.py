@@ -241,3 +241,26 @@ async def test_an_async_session_awaiting_elsewhere_in_a_transaction_is_idle(
         assert total(registry, "sqlalchemy_sessions_idle_in_transaction_total") == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_failed_pre_ping_is_an_invalidation_of_its_own_reason(
+    make_engine: Callable[..., Engine],
+    postgres_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    import psycopg
+
+    engine = make_engine(postgres_url, pool_size=1, pool_pre_ping=True)
+    make_monitor(engine, registry=registry)
+    with engine.connect() as connection:
+        pid = connection.exec_driver_sql("select pg_backend_pid()").scalar_one()
+    url = make_url(postgres_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(False), autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (pid,))
+    with engine.connect() as connection:  # the pre-ping finds the idle connection dead
+        assert connection.exec_driver_sql("select 1").scalar_one() == 1
+    invalidations = "sqlalchemy_pool_invalidations_total"
+    assert total(registry, invalidations, soft="false", reason="pre_ping") == 1
+    assert total(registry, invalidations) == 1

@@ -188,7 +188,7 @@ async def test_terminated_backends_fail_one_request_then_recover(
     pool = pool_name(postgres_url)
 
     def invalidations(soft: str) -> float:
-        return sample(registry, "sqlalchemy_pool_invalidations_total", pool_name=pool, soft=soft)
+        return total(registry, "sqlalchemy_pool_invalidations_total", pool_name=pool, soft=soft)
 
     def connections_created() -> float:
         return sample(registry, "db_client_connection_create_time_seconds_count", pool_name=pool)
@@ -226,6 +226,14 @@ async def test_terminated_backends_fail_one_request_then_recover(
             assert first.json() == {"error": "database", "connection_invalidated": True}
             assert invalidations("false") == 1
             assert invalidations("true") == 0
+            # Seen by a statement, not asked for: the driver's error.
+            assert sample(
+                registry,
+                "sqlalchemy_pool_invalidations_total",
+                pool_name=pool,
+                soft="false",
+                reason="error",
+            ) == 1
 
             # The other dead connection is recycled at checkout (closed and replaced, no
             # invalidate event), so every later request succeeds.

@@ -1,0 +1,272 @@
+"""The leak check of `pytest_plugin`, imported only when ``--session-monitor`` is given.
+
+A session belongs to whatever was running when it opened: the test (its setup, its call, its
+teardown, its function-scoped fixtures) or a wider-scoped fixture, which may keep it for as
+long as it lives (see `Ledger` and `LeakGuard`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from prometheus_client import CollectorRegistry
+from sqlalchemy.orm import Session, scoped_session
+
+from .monitor import SessionMonitor
+from .pytest_plugin import ALLOW_LEAKS
+from .records import CheckoutView, SessionView
+from .stacks import Location
+
+# `python -m pytest` starts in the pytest package, which stacks.py does not count as a library.
+_PYTEST_DIR = os.path.dirname(pytest.__file__) + os.sep
+
+
+class Owner:
+    """Who the sessions opened while it is current belong to. Mutable because a teardown's
+    sessions are known to be a wider-scoped fixture's only once that fixture's teardown ends."""
+
+    __slots__ = ("during", "test")
+
+    def __init__(self, test: str | None, during: str) -> None:
+        self.test = test  # the test's node id; None for a wider-scoped fixture
+        self.during = during
+
+
+class Leak(NamedTuple):
+    session: SessionView
+    owner: Owner
+    dropped: bool  # garbage collected unclosed, rather than still open
+
+
+class Ledger:
+    """The monitor's observer: the sessions open now with their owners, and the dropped ones.
+
+    Its events may come from any thread (a TestClient's app runs in one), so the bookkeeping
+    is locked; `owner` is one attribute for every thread on purpose, since work a test hands
+    to a thread is still that test's."""
+
+    def __init__(self) -> None:
+        self.owner: Owner | None = None
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[SessionView, Owner]] = {}
+        self._dropped: list[tuple[SessionView, Owner]] = []
+
+    def session_opened(self, session: SessionView) -> None:
+        owner = self.owner
+        if owner is not None:  # not opened by a test or a fixture: at import, by a plugin
+            with self._lock:
+                self._open[session.id] = (session, owner)
+
+    def session_closed(self, session: SessionView, duration: float) -> None:
+        with self._lock:
+            self._open.pop(session.id, None)
+
+    def session_leaked(self, session: SessionView, reason: str) -> None:
+        if reason == "gc":  # comes before session_closed
+            with self._lock:
+                entry = self._open.get(session.id)
+                if entry is not None:
+                    self._dropped.append(entry)
+
+    def holds_open(self, test: str) -> bool:
+        with self._lock:
+            return any(owner.test == test for _, owner in self._open.values())
+
+    def hand_over(self, session: SessionView, owner: Owner) -> None:
+        with self._lock:
+            if session.id in self._open:
+                self._open[session.id] = (session, owner)
+
+    def leaks_of(self, test: str) -> list[Leak]:
+        """The test's sessions still open or dropped, forgotten from here on: each is
+        reported once, and a test that has ended cannot leak any more."""
+        with self._lock:
+            leaks = [Leak(s, o, True) for s, o in self._dropped if o.test == test]
+            self._dropped = [(s, o) for s, o in self._dropped if o.test != test]
+            for session_id, (session, owner) in list(self._open.items()):
+                if owner.test == test:
+                    leaks.append(Leak(session, owner, False))
+                    del self._open[session_id]
+        return sorted(leaks, key=lambda leak: leak.session.opened_at)
+
+    # The rest of the Observer protocol: pool events say nothing about who leaked.
+
+    def transaction_ended(self, session: SessionView, outcome: str, duration: float) -> None: ...
+
+    def connection_created(self, pool_name: str, seconds: float) -> None: ...
+
+    def connection_checked_out(self, checkout: CheckoutView, wait: float) -> None: ...
+
+    def connection_checked_in(self, checkout: CheckoutView, use: float) -> None: ...
+
+    def connection_invalidated(
+        self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
+    ) -> None: ...
+
+    def checkout_timed_out(
+        self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
+    ) -> None: ...
+
+    def checkout_waited(self, pool_name: str) -> None: ...
+
+    def wait_cancelled(self, pool_name: str, waited: float) -> None: ...
+
+    def session_idle_in_transaction(self, session: SessionView, away: float) -> None: ...
+
+    def pool_usage(self, pool_name: str, idle: int, used: int) -> None: ...
+
+    def pool_pending(self, pool_name: str, delta: int) -> None: ...
+
+    def pool_capacity(self, pool_name: str, maximum: int | None) -> None: ...
+
+    def internal_error(self, listener: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LeakGuard:
+    """The plugin's hooks when --session-monitor is on: who opens what, and the check after
+    each test's teardown."""
+
+    name = "session_monitor.leak_guard"
+
+    def __init__(self, config: pytest.Config, *, capture_stacks: bool) -> None:
+        self._root = config.rootpath
+        self.ledger = Ledger()
+        self.monitor = SessionMonitor(
+            registry=CollectorRegistry(),
+            metrics_path=None,
+            log_leaks=False,
+            capture_stacks=capture_stacks,
+            # No sampler thread in the suite's process: being idle in a transaction is what
+            # an outer-connection fixture does on purpose.
+            idle_in_transaction_threshold=None,
+            observers=[self.ledger],
+        )
+        # Set up wider-scoped fixtures, and the owner of what each opened: an ORM Session a
+        # test merely used first (its first query opens it) is still the fixture's.
+        self._wide_fixtures: dict[pytest.FixtureDef[Any], Owner] = {}
+        self._teardown: Owner | None = None
+
+    def pytest_unconfigure(self) -> None:
+        self.monitor.uninstrument()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.ledger.owner = Owner(item.nodeid, "the setup")
+        try:
+            return (yield)
+        finally:
+            self.ledger.owner = None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+        self.ledger.owner = Owner(item.nodeid, "the test")
+        try:
+            return (yield)
+        finally:
+            self.ledger.owner = None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(
+        self, fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+    ) -> Generator[None, object, object]:
+        name, scope = fixturedef.argname, fixturedef.scope
+        if scope == "function":
+            owner = Owner(request.node.nodeid, f"the setup of fixture {name!r}")
+        else:
+            owner = Owner(None, f"the setup of {scope}-scoped fixture {name!r}")
+        outer, self.ledger.owner = self.ledger.owner, owner
+        try:
+            return (yield)
+        finally:
+            self.ledger.owner = outer
+            if scope != "function":
+                self._wide_fixtures[fixturedef] = owner
+
+    def pytest_fixture_post_finalizer(self, fixturedef: pytest.FixtureDef[Any]) -> None:
+        self._wide_fixtures.pop(fixturedef, None)
+        ending = self._teardown
+        if ending is None:  # a parametrized fixture torn down to be set up again
+            return
+        # Fixtures are torn down one after the other, each followed by this hook: what opened
+        # since the previous one opened in this fixture's teardown.
+        test = ending.test
+        ending.during = f"the teardown of fixture {fixturedef.argname!r}"
+        if fixturedef.scope != "function":
+            ending.test = None
+        self._teardown = self.ledger.owner = Owner(test, "the teardown")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        self._teardown = self.ledger.owner = Owner(item.nodeid, "the teardown")
+        try:
+            result = yield  # a teardown that failed is reported as it is, without our check
+        finally:
+            self._teardown = self.ledger.owner = None
+            if self.ledger.holds_open(item.nodeid):
+                gc.collect()  # a dropped Session sits in reference cycles until a collection
+            self._hand_over_fixture_sessions()
+            leaks = self.ledger.leaks_of(item.nodeid)
+        if leaks and item.get_closest_marker(ALLOW_LEAKS) is None:
+            pytest.fail(self._describe(leaks), pytrace=False)
+        return result
+
+    def _hand_over_fixture_sessions(self) -> None:
+        for fixturedef, owner in list(self._wide_fixtures.items()):
+            cached = fixturedef.cached_result
+            value = None if cached is None else cached[0]
+            if isinstance(value, scoped_session) and value.registry.has():
+                value = value()
+            value = getattr(value, "sync_session", value)  # an AsyncSession's Session
+            if isinstance(value, Session):
+                view = self.monitor.view_of(value)
+                if view is not None:
+                    self.ledger.hand_over(view, owner)
+
+    # -- the report ---------------------------------------------------------------------------
+
+    def _describe(self, leaks: list[Leak]) -> str:
+        count = f"{len(leaks)} database session" + ("s" if len(leaks) > 1 else "")
+        lines = [f"session_monitor: this test left {count} unclosed:"]
+        for leak in leaks:
+            session = leak.session
+            what = "session" if session.kind == "session" else "Core connection"
+            state = (
+                "was garbage collected without being closed"
+                if leak.dropped
+                else "is still open after the test and its function-scoped fixtures ended"
+            )
+            lines.append(f"- {what} on pool {session.pool_name!r} {state}")
+            lines.append(
+                f"  opened at {self._where(session.location)}, in {leak.owner.during}, "
+                f"by {leak.owner.test}"
+            )
+            lines.extend(
+                f'    File "{self._path(file)}", line {line}, in {function}'
+                for file, line, function in session.stack
+                if not file.startswith(_PYTEST_DIR)
+            )
+        lines.append(
+            "Close each one (a `with` block, or the teardown of the fixture that opened it), or "
+            f"mark the test @pytest.mark.{ALLOW_LEAKS}."
+        )
+        return "\n".join(lines)
+
+    def _where(self, location: Location | None) -> str:
+        if location is None:
+            return "<unknown>"
+        file, line, function = location
+        return f"{self._path(file)}:{line} in {function}"
+
+    def _path(self, file: str) -> str:
+        try:
+            return str(Path(file).relative_to(self._root))
+        except ValueError:
+            return file

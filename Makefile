@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV20 ?= .venv-sqlalchemy20
 
-.PHONY: run test lint bench wheel-smoke
+.PHONY: run load test lint bench wheel-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(VENV20)/.installed: pyproject.toml
 
 run: $(VENV)/.installed
 	$(VENV)/bin/python -m example_app
+
+# The example app's load generator, against `make run` in another terminal.
+load: $(VENV)/.installed
+	$(VENV)/bin/python -m example_app.loadgen --duration 30
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -53,6 +53,7 @@ class Subscriber(NamedTuple):
     acquire_finished: Callable[[Any, float, BaseException | None], None]
     session_acquiring: Callable[[Session, Any, FrameType], None]
     session_closed: Callable[[Session], None]
+    session_acquire_failed: Callable[[Session], None]
     transaction_began: Callable[[Connection], None]
     transaction_committed: Callable[[Connection], None]
     transaction_rolling_back: Callable[[Connection], None]
@@ -175,10 +176,16 @@ def _connection_for_bind(
         subscriber.session_acquiring(session, bind, caller)
     del caller
     token = acquiring_session.set(weakref.ref(session))
+    failed = True
     try:
-        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
+        connection = _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
+        failed = False
+        return connection
     finally:
         acquiring_session.reset(token)
+        if failed:  # no connection came (a pool timeout, a refused connect): it holds nothing
+            for subscriber in subscribers:
+                subscriber.session_acquire_failed(session)
 
 
 def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:

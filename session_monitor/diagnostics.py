@@ -147,6 +147,9 @@ body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:4px 6px;
 text-align:left;vertical-align:top}th{background:#f3f3f3;cursor:default}th.sort{cursor:pointer}
+th,td{white-space:nowrap}#groups td:nth-child(3),#holders td:nth-child(n+6),
+#events td:nth-child(8),#leaks td:nth-child(6){white-space:normal;overflow-wrap:break-word}
+summary{cursor:pointer}
 code,pre{font:12px ui-monospace,monospace}pre{margin:2px 0;white-space:pre-wrap}
 .warn{color:#a40}.muted{color:#777}
 </style></head><body>
@@ -161,11 +164,13 @@ code,pre{font:12px ui-monospace,monospace}pre{margin:2px 0;white-space:pre-wrap}
 "use strict";
 const JSON_PATH = __JSON_PATH__;
 let oldestFirst = true, last = null;
+const opened = new Set();  // the stacks the reader expanded: they stay open across refreshes
 function loc(l){return l ? l.file + ":" + l.line + " in " + l.function : "<unknown>";}
 function cell(row, value){const td=document.createElement("td");
   if (value instanceof Node) td.appendChild(value); else td.textContent = String(value);
   row.appendChild(td); return td;}
-function details(summary, lines){const d=document.createElement("details");
+function details(key, summary, lines){const d=document.createElement("details");
+  d.open=opened.has(key); d.ontoggle=()=>{if (d.open) opened.add(key); else opened.delete(key);};
   const s=document.createElement("summary"); s.textContent=summary; d.appendChild(s);
   const p=document.createElement("pre"); p.textContent=lines.join("\\n"); d.appendChild(p);
   return d;}
@@ -190,17 +195,18 @@ function render(d){last=d;
     "opened at","holder","now at"],hs.map(h=>[secs(h.held_for),
     h.route==="<none>"?"outside any request":h.method+" "+h.route,h.kind,h.pool_name,
     h.transaction_for===null?"none":"open "+secs(h.transaction_for),
-    h.opened_stack.length?details(loc(h.opened_at),h.opened_stack.map(loc)):loc(h.opened_at),
+    h.opened_stack.length?details("o"+h.session_id,loc(h.opened_at),h.opened_stack.map(loc))
+    :loc(h.opened_at),
     h.holder+" ("+h.activity+")",
-    h.now_at.length?details(loc(h.now_at[0]),h.now_at.map(loc)):"—"]),
+    h.now_at.length?details("n"+h.session_id,loc(h.now_at[0]),h.now_at.map(loc)):"—"]),
     {["age "+(oldestFirst?"▼":"▲")]:()=>{oldestFirst=!oldestFirst; render(last);}});
   fill("events",["at","pool","what","waited","in use / max","idle","waiting","held by"],
     d.pool_events.map(e=>[when(e.at),e.pool_name,e.kind,secs(e.waited),
     e.used+" / "+(e.maximum===null?"unbounded":e.maximum),e.idle,e.pending,
-    e.holders.length?details(e.holders[0],e.holders):"—"]));
+    e.holders.length?details("e"+e.at,e.holders[0],e.holders):"—"]));
   fill("leaks",["at","reason","request","kind","pool","opened at"],d.leaks.map(l=>[when(l.at),
     l.reason,l.route==="<none>"?"outside any request":l.method+" "+l.route,l.kind,l.pool_name,
-    l.stack.length?details(l.opened_at,l.stack):l.opened_at]));
+    l.stack.length?details("l"+l.at,l.opened_at,l.stack):l.opened_at]));
   document.getElementById("status").textContent="updated "+when(d.generated_at)+
     "; refreshes every 5 s";}
 function load(){fetch(JSON_PATH+location.search,{cache:"no-store"}).then(r=>{

@@ -194,13 +194,28 @@ class SessionMonitor:
     def _build_metrics_app(self, registry: CollectorRegistry | None) -> Any:
         if self.config.metrics_path is None or registry is None:
             return None
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            # Each worker writes its values to files; a scrape must read all workers' files.
-            from prometheus_client import multiprocess
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return make_asgi_app(registry)
+        # Each worker writes its values to files; a scrape must read all workers' files, after
+        # the dead workers' live gauges are dropped.
+        from prometheus_client import multiprocess
 
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return make_asgi_app(registry)
+        from .multiprocess import forget_dead_workers
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        scrape = make_asgi_app(registry)
+        failed = self._guard.failed
+
+        async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
+            try:
+                forget_dead_workers(directory)
+            except Exception:
+                failed("forget_dead_workers")
+            await scrape(scope, receive, send)
+
+        return metrics_app
 
     def _register(self) -> None:
         """Register every collector, or none: a name taken already leaves the registry as it was."""
@@ -266,6 +281,7 @@ class SessionMonitor:
                 acquire_finished=self._pools.acquire_finished,
                 session_acquiring=self._sessions.session_acquiring,
                 session_closed=self._sessions.session_closed,
+                session_acquire_failed=self._sessions.session_acquire_failed,
                 transaction_began=self._sessions.transaction_began,
                 transaction_committed=self._sessions.transaction_committed,
                 transaction_rolling_back=self._sessions.transaction_rolling_back,

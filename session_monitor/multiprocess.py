@@ -9,6 +9,7 @@ collector (`metrics.ALL_METRICS`), and tested to print the same series.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -164,3 +165,34 @@ class PrometheusMetrics:
 
     def collectors(self) -> list[Counter | Gauge | Histogram]:
         return list(self.by_spec.values())
+
+
+def forget_dead_workers(directory: str) -> list[int]:
+    """Mark every worker whose process is gone as dead, so its live gauges drop out of the sums.
+
+    prometheus-client leaves this to a server hook (gunicorn's ``child_exit``); ``uvicorn
+    --workers N`` has none, and a worker killed by the OOM killer never runs its own shutdown. The
+    monitor's /metrics calls this before each scrape: one directory listing. Returns the pids."""
+    from prometheus_client import multiprocess
+
+    dead = set()
+    for name in os.listdir(directory):
+        stem, _, pid_text = name.removesuffix(".db").rpartition("_")
+        if stem.startswith(("gauge_live", "gauge_all")) and pid_text.isdigit():
+            pid = int(pid_text)
+            if pid not in dead and not _alive(pid):
+                dead.add(pid)
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+

@@ -139,6 +139,18 @@ class SessionTracker:
         except Exception:
             self._guard.failed("session_close")
 
+    def session_acquire_failed(self, orm_session: Session) -> None:
+        """Its first connection never came: it used no database and holds nothing, so it is
+        closed now, never leaked (a dropped session of a pool exhaustion is no leak)."""
+        try:
+            tracked = self.tracked(orm_session)
+            if tracked is not None and not tracked.checkouts:
+                info: dict[Any, Any] = orm_session.__dict__.get("info") or {}
+                info.pop(self.key, None)
+                self.close(tracked)
+        except Exception:
+            self._guard.failed("session_acquire_failed")
+
     def _collected(self, ref: weakref.ref[Session]) -> None:
         try:
             tracked = self._live.get(id(ref))

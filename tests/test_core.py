@@ -268,6 +268,8 @@ async def test_age_leak_reported_once_then_its_return(
     assert len(age) == 1
     assert "threshold 0.2s" in age[0] and 'File "' in age[0] and "in hold" in age[0]
     assert sum("came back after" in m for m in messages) == 1
+    (came_back,) = [m for m in messages if "came back after" in m]
+    assert came_back.endswith("ago.") and ",." not in came_back  # no dangling comma
     assert_balanced(registry)
 
 

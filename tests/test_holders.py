@@ -264,3 +264,29 @@ def test_a_failed_pre_ping_is_an_invalidation_of_its_own_reason(
     invalidations = "sqlalchemy_pool_invalidations_total"
     assert total(registry, invalidations, soft="false", reason="pre_ping") == 1
     assert total(registry, invalidations) == 1
+
+
+def test_a_session_whose_first_checkout_timed_out_holds_nothing_and_is_no_leak(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    import gc
+
+    engine = make_engine(sqlite_url, pool_size=1, max_overflow=0, pool_timeout=0.05)
+    make_monitor(engine, registry=registry)
+    with engine.connect():
+
+        def drop_a_session_that_timed_out() -> None:
+            session = Session(engine)
+            with pytest.raises(exc.TimeoutError):
+                session.execute(text("select 1"))
+
+        drop_a_session_that_timed_out()
+        gc.collect()
+    # Counted as opened and closed (it asked), never as leaked: an exhaustion leaks nothing.
+    assert total(registry, "sqlalchemy_sessions_leaked_total") == 0
+    opened = total(registry, "sqlalchemy_sessions_opened_total")
+    assert opened == total(registry, "sqlalchemy_sessions_closed_total") == 2
+    assert total(registry, "sqlalchemy_sessions_active") == 0

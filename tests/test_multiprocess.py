@@ -82,6 +82,7 @@ def server(tmp_path: Path, database_url: str) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
+    SUPERVISORS[url] = process.pid
     try:
         capacity = WORKERS * (POOL_SIZE + MAX_OVERFLOW)
         deadline = time.monotonic() + 20
@@ -103,6 +104,27 @@ def server(tmp_path: Path, database_url: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+
+
+# The uvicorn supervisor of each server fixture, by URL: its children are the workers.
+SUPERVISORS: dict[str, int] = {}
+
+
+def workers_of(supervisor: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its parenthesis
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == supervisor:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if b"resource_tracker" not in command:  # multiprocessing's helper, no worker
+                    children.append(int(entry))
+    return children
 
 
 def scrape(url: str) -> list[Sample]:
@@ -194,3 +216,33 @@ def test_sums_over_workers_match_what_was_sent(server: str, database_url: str) -
     with create_engine(database_url, poolclass=NullPool).connect() as connection:
         rows = connection.scalar(text("SELECT count(*) FROM it_mp_items"))
     assert rows == sent["/commit"]
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_leaves_the_live_gauges(server: str, database_url: str) -> None:
+    import signal
+
+    pool = pool_name_for(create_engine(database_url).url)
+    per_worker = POOL_SIZE + MAX_OVERFLOW
+    supervisor = SUPERVISORS[server]
+    before = set(workers_of(supervisor))
+    victim = httpx.post(f"{server}/commit", headers={"Connection": "close"}).json()["pid"]
+    os.kill(victim, signal.SIGKILL)  # no shutdown hook runs: as the OOM killer does it
+    deadline = time.monotonic() + 30
+    # uvicorn starts a replacement; once it answers, it has published its pool's capacity.
+    while not set(workers_of(supervisor)) - before:
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.1)
+    replacement_answered = False
+    while not replacement_answered:
+        assert time.monotonic() < deadline, "the replacement never answered"
+        try:
+            pid = httpx.post(f"{server}/commit", headers={"Connection": "close"}).json()["pid"]
+            replacement_answered = pid not in before
+        except httpx.TransportError:
+            time.sleep(0.1)
+    live = workers_of(supervisor)
+    assert victim not in live and len(live) == WORKERS
+    # Without the cleanup the dead worker's capacity stays in the sum for good.
+    maximum = summed(scrape(server), "db_client_connection_max", pool_name=pool)
+    assert maximum == WORKERS * per_worker

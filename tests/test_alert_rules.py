@@ -22,6 +22,11 @@ REQUIRED_ALERTS = {
     "SQLAlchemyPoolCheckoutTimeouts": ("critical", "0m", "db_client_connection_timeouts_total"),
     "SQLAlchemySlowCheckouts": ("warning", "5m", None),
     "SQLAlchemyHighRollbackRatio": ("warning", "10m", None),
+    "SQLAlchemySessionIdleInTransaction": (
+        "warning",
+        "0m",
+        "sqlalchemy_sessions_idle_in_transaction_total",
+    ),
     "SessionMonitorInternalErrors": ("warning", "0m", "session_monitor_internal_errors_total"),
 }
 

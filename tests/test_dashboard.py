@@ -12,6 +12,8 @@ import pytest
 from _promtool import run_promtool
 from dashboard_queries import iter_panels, panel_queries, substitute
 
+from session_monitor.metrics import ALL_METRICS
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"
 
@@ -24,6 +26,9 @@ POOL_METRICS = {
     "db_client_connection_use_time_seconds",
     "db_client_connection_create_time_seconds",
     "sqlalchemy_pool_invalidations_total",
+    "sqlalchemy_pool_waited_checkouts_total",
+    "sqlalchemy_pool_cancelled_waits_total",
+    "sqlalchemy_pool_used_peak",
 }
 SESSION_METRICS = {
     "sqlalchemy_sessions_opened_total",
@@ -33,6 +38,7 @@ SESSION_METRICS = {
     "sqlalchemy_sessions_leaked_total",
     "sqlalchemy_transactions_total",
     "sqlalchemy_transaction_duration_seconds",
+    "sqlalchemy_sessions_idle_in_transaction_total",
 }
 OTHER_METRICS = {"session_monitor_internal_errors_total"}
 HISTOGRAMS = {
@@ -52,6 +58,19 @@ REQUIRED_FILTERS = {
 }
 
 ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions")
+# Where each metric must be drawn (the Overview row repeats some of them).
+METRIC_ROWS = {
+    **{m: ("Pool",) for m in POOL_METRICS},
+    "sqlalchemy_sessions_opened_total": ("Sessions",),
+    "sqlalchemy_sessions_closed_total": ("Sessions",),
+    "sqlalchemy_sessions_active": ("Sessions",),
+    "sqlalchemy_session_duration_seconds": ("Sessions",),
+    "sqlalchemy_sessions_leaked_total": ("Leaks",),
+    "sqlalchemy_transactions_total": ("Transactions",),
+    "sqlalchemy_transaction_duration_seconds": ("Transactions",),
+    "sqlalchemy_sessions_idle_in_transaction_total": ("Transactions",),
+    "session_monitor_internal_errors_total": ("Overview",),
+}
 UNITS = {"s", "percentunit", "ops", "reqps", "short"}
 TRACEQL = "{ span.session_monitor.leaked = true }"
 ALL_VARIABLES = {
@@ -198,6 +217,38 @@ def test_panels_do_not_overlap() -> None:
             for y in range(pos["y"], pos["y"] + pos["h"]):
                 assert (x, y) not in taken, f"{panel['title']} overlaps {taken[(x, y)]}"
                 taken[(x, y)] = panel["title"]
+
+
+def test_contract_is_the_metrics_table() -> None:
+    """The lists above are session_monitor.metrics.ALL_METRICS: a new metric needs a panel."""
+    names = {spec.name + ("_total" if spec.kind == "counter" else "") for spec in ALL_METRICS}
+    assert names == CONTRACT, (
+        f"not in the lists of this test: {sorted(names - CONTRACT)}; "
+        f"no longer exported: {sorted(CONTRACT - names)}"
+    )
+    assert {spec.name for spec in ALL_METRICS if spec.kind == "histogram"} == HISTOGRAMS
+    for spec in ALL_METRICS:
+        name = spec.name + ("_total" if spec.kind == "counter" else "")
+        if "pool_name" in spec.labels:
+            assert name in POOL_METRICS, name
+        elif "route" in spec.labels:
+            assert name in SESSION_METRICS, name
+        else:
+            assert name in OTHER_METRICS, name
+
+
+@pytest.mark.parametrize("metric", sorted(CONTRACT))
+def test_every_metric_is_drawn_in_its_row(metric: str) -> None:
+    assert set(METRIC_ROWS) == CONTRACT
+    rows = rows_and_children()
+    for row in METRIC_ROWS[metric]:
+        used = {
+            contract_base(name)
+            for panel in rows[row]
+            for target in panel.get("targets", [])
+            for name in metric_names(target.get("expr", ""))
+        }
+        assert metric in used, f"no panel of the {row} row queries {metric}"
 
 
 @pytest.mark.parametrize(("title", "expr"), all_exprs())

@@ -5,5 +5,6 @@
 - `example_app.demo`: the `/demo` router reproducing leaks, rollbacks and pool exhaustion.
 - `example_app.loadgen`: traffic with a realistic mix of those, and a summary of what it caused.
 
-`python -m example_app` serves it on http://127.0.0.1:8000 (see /docs and /metrics).
+`python -m example_app` serves it on http://127.0.0.1:8000 (see /docs, /metrics, and
+/_session_monitor: who holds the pool right now).
 """

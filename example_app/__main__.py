@@ -23,12 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     # Imported after logging is set up, because building the app logs.
     from sqlalchemy import make_url
 
-    from example_app.app import app
+    from example_app.app import DIAGNOSTICS_PATH, app
     from example_app.db import DATABASE_URL
 
     base = f"http://{args.host}:{args.port}"
     print(f"database: {make_url(DATABASE_URL).render_as_string(hide_password=True)}")
     print(f"metrics:  {base}/metrics")
+    print(f"holders:  {base}{DIAGNOSTICS_PATH}")
     print(f"docs:     {base}/docs")
     print(f"load:     python -m example_app.loadgen --base-url {base}")
     # One process, no reload: the monitor's gauges live in this process's registry.

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The live diagnostics page (who holds the pool), and its JSON at DIAGNOSTICS_PATH + "/json".
+# It answers loopback clients only, as no diagnostics_token is configured.
+DIAGNOSTICS_PATH = "/_session_monitor"
+
 
 class ItemCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
@@ -128,7 +132,10 @@ def create_app(
     app.add_exception_handler(sa_exc.IntegrityError, _integrity_error_handler)
     app.add_exception_handler(DemoError, _demo_error_handler)
 
-    options: dict[str, Any] = {"leak_threshold": leak_threshold}
+    options: dict[str, Any] = {
+        "leak_threshold": leak_threshold,
+        "diagnostics_path": DIAGNOSTICS_PATH,
+    }
     # Passing registry=None would mean "register nowhere" by prometheus_client's convention;
     # leave it out so the library falls back to the global registry.
     if registry is not None:

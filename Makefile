@@ -33,7 +33,7 @@ lint: $(VENV)/.installed
 
 test: lint $(VENV20)/.installed
 	$(VENV)/bin/pytest
-	$(VENV20)/bin/pytest -m "not e2e" tests/test_core.py tests/test_api.py tests/test_concurrency.py tests/test_postgres.py tests/test_tracing.py tests/test_first_law.py
+	$(VENV20)/bin/pytest -m "not e2e" tests/test_core.py tests/test_api.py tests/test_concurrency.py tests/test_postgres.py tests/test_tracing.py tests/test_first_law.py tests/test_holders.py tests/test_pitfalls.py
 
 # The built wheel alone in a new venv, used from outside the checkout (.ci/wheel_smoke.sh).
 wheel-smoke: $(VENV)/.installed

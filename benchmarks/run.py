@@ -15,11 +15,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import asgi, http_load, memory, micro, scale
+from . import asgi, http_load, instructions, memory, micro, scale
 from .common import Table, Target
 from .variants import available
 
-SECTIONS = ("micro", "http", "asgi", "scale", "memory")
+SECTIONS = ("micro", "instructions", "http", "asgi", "scale", "memory")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "RESULTS.md"
 PACKAGES = (
     "sqlalchemy",
@@ -209,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 micro.QUICK if quick else micro.FULL, db_path, variants, skipped, _progress
             )
             show("micro", new)
+            targets += found
+        if "instructions" in sections:
+            variants, _ = available(str(workdir / "probe.db"))
+            new, found = instructions.run(
+                instructions.QUICK if quick else instructions.FULL, variants, _progress
+            )
+            show("instructions", new)
             targets += found
         if "http" in sections:
             new, found = http_load.run(

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
@@ -24,6 +25,7 @@ from example_app import db as db_module
 from example_app.db import Base, Database, Item, get_db
 from example_app.demo import DemoError, LeakedSessions
 from example_app.demo import router as demo_router
+from example_app.pitfalls import router as pitfall_router
 from session_monitor import SessionMonitor
 
 if TYPE_CHECKING:
@@ -111,11 +113,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        Base.metadata.create_all(database.engine)
+        # In a worker thread: sync database I/O on the event loop would be the very pitfall
+        # (blocking_event_loop) the monitor reports.
+        await run_in_threadpool(Base.metadata.create_all, database.engine)
         try:
             yield
         finally:
             app.state.leaked_sessions.release_all()
+            shared = getattr(app.state, "shared_session", None)  # /demo/pitfall/shared's
+            if shared is not None:
+                shared.close()
             if tracer_provider is not None:
                 tracer_provider.shutdown()
 
@@ -128,6 +135,7 @@ def create_app(
     app.state.leaked_sessions = LeakedSessions()
     app.include_router(router)
     app.include_router(demo_router)
+    app.include_router(pitfall_router)
     app.add_exception_handler(sa_exc.TimeoutError, _pool_timeout_handler)
     app.add_exception_handler(sa_exc.IntegrityError, _integrity_error_handler)
     app.add_exception_handler(DemoError, _demo_error_handler)

@@ -15,6 +15,9 @@ services, so that session_monitor's metrics can be watched reacting to it:
 | `GET /demo/core`            | correct Core `engine.connect()` usage            | 200      |
 | `GET /demo/invalidate`      | a connection found broken is invalidated         | 200      |
 
+The tutorials' pitfalls (a shared session, a sync session in `async def`, a forgotten commit, a
+nested checkout) have a router of their own: `example_app/pitfalls.py`.
+
 They are all GET so that a browser or `curl` can trigger them.
 """
 

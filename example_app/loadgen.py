@@ -239,6 +239,7 @@ class _Run:
                 self.leak: 2,
                 self.hold_burst: 1,
                 self.invalidate: 1,
+                self.pitfall: 2,
             }
         self.actions = list(actions)
         self.weights = list(actions.values())
@@ -328,6 +329,12 @@ class _Run:
 
     async def invalidate(self) -> None:
         await self.single(_Request("GET /demo/invalidate", "GET", "/demo/invalidate"))
+
+    async def pitfall(self) -> None:
+        # One of the tutorials' pitfalls (example_app/pitfalls.py), in turn.
+        kind = self.rng.choice(("shared", "blocking", "forgot-commit", "nested"))
+        path = f"/demo/pitfall/{kind}"
+        await self.single(_Request(f"GET {path}", "GET", path))
 
     async def gc_leak(self) -> None:
         await self.single(_Request("GET /demo/gc-leak", "GET", "/demo/gc-leak"))

@@ -52,6 +52,8 @@ class Subscriber(NamedTuple):
     # (token, perf_counter() when it began, the exception the checkout raised or None)
     acquire_finished: Callable[[Any, float, BaseException | None], None]
     session_acquiring: Callable[[Session, Any, FrameType], None]
+    session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
+    session_flushed: Callable[[Session], None]
     session_closed: Callable[[Session], None]
     session_acquire_failed: Callable[[Session], None]
     transaction_began: Callable[[Connection], None]
@@ -189,11 +191,19 @@ def _connection_for_bind(
 
 
 def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:
+    for subscriber in _subscribers:
+        subscriber.session_closing(self)
     try:
         return _orig_close_impl(self, *args, **kw)
     finally:
         for subscriber in _subscribers:
             subscriber.session_closed(self)
+
+
+def _flush(self: Session, objects: Any = None) -> None:
+    _orig_flush(self, objects)
+    for subscriber in _subscribers:
+        subscriber.session_flushed(self)
 
 
 def _begin_impl(self: Connection, transaction: Any) -> None:
@@ -250,6 +260,10 @@ GROUPS: tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]],
         ),
     ),
     (
+        "changes flushed and never committed (the uncommitted_changes pitfall)",
+        ((Session, "_flush", _flush, "_orig_flush"),),
+    ),
+    (
         "transactions",
         (
             (Connection, "_begin_impl", _begin_impl, "_orig_begin_impl"),
@@ -264,6 +278,7 @@ GROUPS: tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]],
 _orig_raw_connection: Any = None
 _orig_connection_for_bind: Any = None
 _orig_close_impl: Any = None
+_orig_flush: Any = None
 _orig_begin_impl: Any = None
 _orig_commit_impl: Any = None
 _orig_rollback_impl: Any = None

@@ -18,7 +18,17 @@ if TYPE_CHECKING:
 
 
 class RequestScope:
-    __slots__ = ("_route", "asgi_scope", "checkouts", "method", "root_path", "sessions", "started")
+    __slots__ = (
+        "_route",
+        "asgi_scope",
+        "checkouts",
+        "failure",
+        "method",
+        "responded",
+        "root_path",
+        "sessions",
+        "started",
+    )
 
     def __init__(self, asgi_scope: dict[str, Any]) -> None:
         # Dropped when the request ends (`finish`): copies of this context that asyncio keeps in
@@ -31,6 +41,8 @@ class RequestScope:
         # Appended from worker threads too: list.append is atomic, and only the middleware reads.
         self.sessions: list[TrackedSession] = []
         self.checkouts: list[TrackedCheckout] = []
+        self.failure: str | None = None  # "answered 500", "raised KeyError": set by the middleware
+        self.responded = False  # the whole response is sent
 
     @property
     def route(self) -> str:

@@ -60,6 +60,18 @@ def diagnostics_data(monitor: SessionMonitor) -> dict[str, Any]:
             }
             for at, reason, view in reversed(monitor.recent_leaks())
         ],
+        "pitfalls": [
+            {
+                "at": pitfall.at,
+                "kind": pitfall.kind,
+                "route": pitfall.route,
+                "method": pitfall.method,
+                "pool_name": pitfall.pool_name,
+                "at_line": format_location(pitfall.location),
+                "detail": pitfall.detail,
+            }
+            for pitfall in reversed(monitor.recent_pitfalls())
+        ],
         "pool_events": [
             {**event._asdict(), "holders": list(event.holders)}
             for event in reversed(monitor.pool_events())
@@ -160,6 +172,7 @@ code,pre{font:12px ui-monospace,monospace}pre{margin:2px 0;white-space:pre-wrap}
 <h2>Holders</h2><table id="holders"></table>
 <h2>Last pool timeouts and cancelled waits</h2><table id="events"></table>
 <h2>Last leaks</h2><table id="leaks"></table>
+<h2>Last pitfalls</h2><table id="pitfalls"></table>
 <script>
 "use strict";
 const JSON_PATH = __JSON_PATH__;
@@ -207,6 +220,9 @@ function render(d){last=d;
   fill("leaks",["at","reason","request","kind","pool","opened at"],d.leaks.map(l=>[when(l.at),
     l.reason,l.route==="<none>"?"outside any request":l.method+" "+l.route,l.kind,l.pool_name,
     l.stack.length?details("l"+l.at,l.opened_at,l.stack):l.opened_at]));
+  fill("pitfalls",["at","kind","request","pool","at line","detail"],d.pitfalls.map(p=>[
+    when(p.at),p.kind,p.route==="<none>"?"outside any request":p.method+" "+p.route,p.pool_name,
+    p.at_line,p.detail||"—"]));
   document.getElementById("status").textContent="updated "+when(d.generated_at)+
     "; refreshes every 5 s";}
 function load(){fetch(JSON_PATH+location.search,{cache:"no-store"}).then(r=>{

@@ -202,8 +202,11 @@ def summarize(holders: list[HolderView], limit: int = 3) -> list[str]:
     for (method, route, opened), members in ranked[:limit]:
         oldest = max(members, key=lambda view: view.held_for)
         request = "outside any request" if route == "<none>" else f"{method} {route}"
-        now = format_location(oldest.now_at[0]) if oldest.now_at else "<unknown>"
         activity = Counter(view.activity for view in members).most_common(1)[0][0]
+        if activity == "leaked":
+            now = "nobody: its request ended"
+        else:
+            now = format_location(oldest.now_at[0]) if oldest.now_at else "<unknown>"
         lines.append(
             f"{len(members)} of {len(holders)} held by {request}, opened at "
             f"{format_location(opened)}, oldest {oldest.held_for:.1f}s, now at {now} ({activity})"

@@ -45,6 +45,21 @@ def describe(tracked: TrackedSession) -> str:
     )
 
 
+def _missing_finally(request: RequestScope) -> str:
+    if request.failure is None:
+        return ""
+    return (
+        f"The request {request.failure}: a dependency that closes its session after `yield` "
+        "without `finally` never reaches close() when the endpoint raises. Use:\n"
+        "    def get_db():\n"
+        "        db = SessionLocal()\n"
+        "        try:\n"
+        "            yield db\n"
+        "        finally:\n"
+        "            db.close()"
+    )
+
+
 class LeakDetector:
     def __init__(
         self, lock: threading.RLock, observers: Fanout | None, log_leaks: bool
@@ -67,10 +82,10 @@ class LeakDetector:
             self._emit.session_leaked(tracked.view, reason)
         if self._log:
             message = f"Leaked session ({reason}): {describe(tracked)}, {_WHY[reason]}."
+            if tracked.view.stack and reason != "age":  # the age detail has its own
+                message += "\nOpened at:\n" + format_stack(tracked.view.stack)
             if detail:
                 message += "\n" + detail
-            elif tracked.view.stack:
-                message += "\nOpened at:\n" + format_stack(tracked.view.stack)
             logger.warning(message)
 
     def request_finished(self, request: RequestScope) -> None:
@@ -81,7 +96,7 @@ class LeakDetector:
                 and tracked.leak_reason is None
                 and tracked.holds_connection_from(request)
             ):
-                self.leaked(tracked, "request_end")
+                self.leaked(tracked, "request_end", _missing_finally(request))
         request.sessions.clear()
 
     def held_too_long(self, checkout: TrackedCheckout, threshold: float) -> None:

@@ -210,6 +210,15 @@ IDLE_IN_TRANSACTION = MetricSpec(
     otel_name="session_monitor.session.idle_in_transaction",
     unit="{session}",
 )
+PITFALLS = MetricSpec(
+    "sqlalchemy_session_pitfalls",
+    "counter",
+    "Sessions caught in a tutorial pitfall, by kind: shared_session, blocking_event_loop, "
+    "uncommitted_changes, nested_checkout (README, Pitfalls).",
+    ("kind", *SESSION),
+    otel_name="session_monitor.session.pitfalls",
+    unit="{occurrence}",
+)
 INTERNAL_ERRORS = MetricSpec(
     "session_monitor_internal_errors",
     "counter",
@@ -242,6 +251,7 @@ ALL_METRICS = (
     TRANSACTIONS,
     TRANSACTION_DURATION,
     IDLE_IN_TRANSACTION,
+    PITFALLS,
     INTERNAL_ERRORS,
 )
 
@@ -329,7 +339,7 @@ class PrometheusCollector:
             _counter(TRANSACTIONS),
             _histogram(TRANSACTION_DURATION),
         )
-        idle_in_transaction = _counter(IDLE_IN_TRANSACTION)
+        idle_in_transaction, pitfalls = _counter(IDLE_IN_TRANSACTION), _counter(PITFALLS)
         for (route, method), session in sorted(self._sessions().items()):
             labels = [route, method]
             opened.add_metric(labels, session.opened)
@@ -343,13 +353,15 @@ class PrometheusCollector:
                 _add(transaction_duration, [*labels, outcome], histogram)
             if session.idle_in_transaction:
                 idle_in_transaction.add_metric(labels, session.idle_in_transaction)
+            for kind, occurrences in sorted(session.pitfalls.items()):
+                pitfalls.add_metric([kind, *labels], occurrences)
         errors = _counter(INTERNAL_ERRORS)
         for listener, failures in sorted(self._errors().items()):
             errors.add_metric([listener], failures)
         yield from (count, maximum, pending, timeouts, wait, use, create, invalidations)
         yield from (waited, cancelled, peak)
         yield from (opened, closed, active, duration, leaked, transactions, transaction_duration)
-        yield idle_in_transaction
+        yield from (idle_in_transaction, pitfalls)
         yield errors
 
 

@@ -51,8 +51,22 @@ class SessionMonitorMiddleware:
             return
         request = RequestScope(scope)  # type: ignore[arg-type]
         token = current_request.set(request)
+
+        async def send_noting_status(message: Message) -> None:
+            # An error status tells a leak's WARNING that the endpoint may have raised past a
+            # get_db without finally (an HTTPException is answered inside, never reaches here).
+            kind = message["type"]
+            if kind == "http.response.start" and message.get("status", 200) >= 400:
+                request.failure = f"answered {message['status']}"
+            elif kind == "http.response.body" and not message.get("more_body", False):
+                request.responded = True  # what runs now is cleanup and background tasks
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noting_status)
+        except BaseException as error:
+            request.failure = f"raised {type(error).__name__}"
+            raise
         finally:
             current_request.reset(token)
             request.finish()

@@ -29,6 +29,7 @@ from .leaks import AgeWatcher
 from .metrics import PrometheusCollector
 from .middleware import SessionMonitorMiddleware
 from .observer import Fanout, Observer
+from .pitfalls import Pitfall
 from .pool import PoolTracker
 from .records import SessionView
 from .sessions import SessionTracker
@@ -280,6 +281,8 @@ class SessionMonitor:
                 acquire_started=self._pools.acquire_started,
                 acquire_finished=self._pools.acquire_finished,
                 session_acquiring=self._sessions.session_acquiring,
+                session_closing=self._sessions.session_closing,
+                session_flushed=self._sessions.session_flushed,
                 session_closed=self._sessions.session_closed,
                 session_acquire_failed=self._sessions.session_acquire_failed,
                 transaction_began=self._sessions.transaction_began,
@@ -400,6 +403,10 @@ class SessionMonitor:
     def recent_leaks(self) -> list[tuple[float, str, SessionView]]:
         """The last leaks, oldest first: (time.time(), reason, the session)."""
         return list(self._sessions.leaks.recent)
+
+    def recent_pitfalls(self) -> list[Pitfall]:
+        """The last pitfalls caught, oldest first (README, Pitfalls)."""
+        return list(self._sessions.pitfalls.recent)
 
     def pool_events(self) -> list[PoolEvent]:
         """The last pool timeouts and cancelled waits, newest last, with who held the pool."""

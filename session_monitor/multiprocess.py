@@ -25,6 +25,7 @@ from .metrics import (
     INVALIDATION_SERIES,
     INVALIDATIONS,
     PENDING_REQUESTS,
+    PITFALLS,
     SESSION_DURATION,
     SESSIONS_ACTIVE,
     SESSIONS_CLOSED,
@@ -42,6 +43,7 @@ from .metrics import (
 
 if TYPE_CHECKING:
     from .records import CheckoutView, SessionView
+    from .stacks import Location
 
 
 class PrometheusMetrics:
@@ -138,6 +140,9 @@ class PrometheusMetrics:
 
     def wait_cancelled(self, pool_name: str, waited: float) -> None:
         self._counter(CANCELLED_WAITS).labels(pool_name).inc()
+
+    def session_pitfall(self, session: SessionView, kind: str, location: Location | None) -> None:
+        self._counter(PITFALLS).labels(kind, session.route, session.method).inc()
 
     def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
         self._counter(IDLE_IN_TRANSACTION).labels(session.route, session.method).inc()

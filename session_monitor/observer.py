@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .records import CheckoutView, SessionView
+from .stacks import Location
 
 
 class Observer(Protocol):
@@ -43,6 +44,9 @@ class Observer(Protocol):
         """A checkout found no idle connection and no room to open one: it waits."""
 
     def wait_cancelled(self, pool_name: str, waited: float) -> None: ...
+
+    def session_pitfall(self, session: SessionView, kind: str, location: Location | None) -> None:
+        """A tutorial pitfall (`pitfalls.py`); `location` is the application line that did it."""
 
     def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
         """Its connection is in a transaction, and its holder was elsewhere for `away` s."""
@@ -104,7 +108,9 @@ class Fanout:
     def close(self) -> None:
         for observer in self.observers:
             try:
-                observer.close()
+                close = getattr(observer, "close", None)
+                if close is not None:
+                    close()
             except Exception:
                 self._failed("close")
 
@@ -121,6 +127,7 @@ class Fanout:
     checkout_waited: Callable[[str], None]
     wait_cancelled: Callable[[str, float], None]
     session_idle_in_transaction: Callable[[SessionView, float], None]
+    session_pitfall: Callable[[SessionView, str, Location | None], None]
     pool_usage: Callable[[str, int, int], None]
     pool_pending: Callable[[str, int], None]
     pool_capacity: Callable[[str, int | None], None]

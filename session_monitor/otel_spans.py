@@ -52,6 +52,7 @@ LISTENER = "session_monitor.listener"
 HOLDERS = "session_monitor.pool.holders"
 IDLE_FOR = "session_monitor.session.idle_for"
 INVALIDATION_REASON = "session_monitor.connection.invalidation_reason"
+PITFALL_KIND = "session_monitor.pitfall.kind"
 
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.
 DB_SYSTEM_NAMES = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}

@@ -11,6 +11,7 @@ Engines, views and their shared state are in `pool_state.py`.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import weakref
@@ -20,16 +21,18 @@ from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ._hooks import acquiring_session, acquisition
 from ._listeners import Guard
-from .context import current_request
+from .context import RequestScope, current_request
 from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_state import EnginePool, PoolSnapshot, PoolState, root_engine
 from .records import TrackedCheckout
 from .sessions import SessionTracker
+from .stacks import application_location, format_location
 
 _CONNECT_STARTED = "session_monitor.connect_started"
 
@@ -205,6 +208,11 @@ class PoolTracker:
             entry = self.entry_for(engine)
             if entry is None:
                 return None
+            request = current_request.get()
+            # After the response, a background task's session beside the request's own is
+            # FastAPI's canonical order (yield dependencies close after background tasks).
+            if request is not None and request.sessions and not request.responded:
+                self._check_nested(request, entry.state)
             pending = entry.will_wait()
             if pending:
                 self._pending(entry.state, +1)
@@ -212,6 +220,25 @@ class PoolTracker:
         except Exception:
             self._guard.failed("raw_connection")
             return None
+
+    def _check_nested(self, request: RequestScope, state: PoolState) -> None:
+        """A request asking a pool for a connection while one of its sessions holds another."""
+        ref = acquiring_session.get()
+        orm_session = None if ref is None else ref()
+        acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
+        for session in request.sessions:
+            if session is acquiring or session.closed:
+                continue
+            for held in session.checkouts:
+                if not held.returned and held.pool_name == state.name:
+                    self._sessions.pitfalls.found(
+                        "nested_checkout",
+                        session,
+                        application_location(sys._getframe(1)),
+                        f"while the request's {session.kind} opened at "
+                        f"{format_location(session.view.location)} holds one",
+                    )
+                    return
 
     def acquire_finished(
         self, token: tuple[PoolState, bool], started: float, failure: BaseException | None
@@ -320,6 +347,8 @@ class PoolTracker:
         checkout = TrackedCheckout(state.name, key, owner, request, now)
         if owner is not None:
             self._sessions.attach(checkout, proxy)
+            # A sync session on the event loop's thread: the task is known only there.
+            checkout.blocking = checkout.task_ref is not None and not in_greenlet()
         histogram = state.stats.wait
         bucket = histogram.bucket(wait)
         idle = state.idle
@@ -371,6 +400,14 @@ class PoolTracker:
         checkout.returned = True
         if self._emit is not None:
             self._emit.connection_checked_in(checkout.view(), held)
+        if checkout.blocking and checkout.owner is not None:
+            owner = checkout.owner
+            self._sessions.pitfalls.found(
+                "blocking_event_loop",
+                owner,
+                owner.view.location,
+                f"held on the event loop's thread for {held:.3f}s, which blocked it up to then",
+            )
         if checkout.owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
 

@@ -26,6 +26,10 @@ SessionKind = Literal["session", "connection"]
 _session_ids = itertools.count(1)
 
 
+def next_session_id() -> int:
+    return next(_session_ids)
+
+
 class SessionView(NamedTuple):
     """A session as observers see it: read-only, and the same object for every event of it."""
 
@@ -58,9 +62,11 @@ class TrackedSession:
     __slots__ = (
         "checkouts",
         "closed",
+        "flushed_uncommitted",
         "leak_reason",
         "request",
         "session_ref",
+        "shared_in",
         "stats",
         "transaction_count",
         "view",
@@ -97,6 +103,9 @@ class TrackedSession:
         self.stats = stats  # the counters of its (route, method)
         # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
         self.session_ref: weakref.ref[Any] | None = None
+        self.shared_in: RequestScope | None = None  # the other request it was last used in
+        # Flushed since its last commit or rollback: what close() without commit() throws away.
+        self.flushed_uncommitted = False
 
     @property
     def kind(self) -> SessionKind:
@@ -121,6 +130,7 @@ class TrackedCheckout:
         "__weakref__",
         "age_reported",
         "away_since",
+        "blocking",
         "checked_out_at",
         "connection_key",
         "fairy_ref",
@@ -167,6 +177,7 @@ class TrackedCheckout:
         # The idle-in-transaction sampler's notes: since when the holder was seen elsewhere.
         self.away_since: float | None = None
         self.idle_reported: float | None = None  # the start of the transaction reported idle
+        self.blocking = False  # a sync session's, made on the event loop's thread (pitfalls.py)
 
     def view(self) -> CheckoutView:
         owner = self.owner

@@ -13,6 +13,7 @@ guards itself and never raises.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -30,7 +31,14 @@ from .idle import idle_message
 from .leaks import LeakDetector
 from .naming import NO_REQUEST
 from .observer import Fanout
-from .records import SessionKind, SessionView, TrackedCheckout, TrackedSession
+from .pitfalls import PitfallDetector
+from .records import (
+    SessionKind,
+    SessionView,
+    TrackedCheckout,
+    TrackedSession,
+    next_session_id,
+)
 from .stacks import Location, application_location, application_stack
 from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
@@ -56,6 +64,7 @@ class SessionTracker:
         self.lock = threading.RLock()
         self._stats: dict[tuple[str, str], SessionStats] = {}
         self.leaks = LeakDetector(self.lock, observers, config.log_leaks)
+        self.pitfalls = PitfallDetector(self.lock, observers, config.log_leaks)
         # Checkouts that belong to a session, by id() of their connection proxy, which a
         # Connection holds: the transaction hooks find a connection's checkout with one lookup.
         self._by_proxy: dict[int, TrackedCheckout] = {}
@@ -84,11 +93,7 @@ class SessionTracker:
         request: RequestScope | None,
     ) -> TrackedSession:
         key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
-        stats = self._stats.get(key)
-        if stats is None:
-            new = SessionStats()
-            with self.lock:
-                stats = self._stats.setdefault(key, new)
+        stats = self._stats_for(key)
         with self.lock:
             stats.opened += 1
         session = TrackedSession(
@@ -100,11 +105,35 @@ class SessionTracker:
             self._emit.session_opened(session.view)
         return session
 
+    def _stats_for(self, key: tuple[str, str]) -> SessionStats:
+        stats = self._stats.get(key)
+        if stats is None:
+            new = SessionStats()
+            with self.lock:
+                stats = self._stats.setdefault(key, new)
+        return stats
+
     def session_acquiring(self, orm_session: Session, bind: Any, frame: FrameType) -> None:
         """Called by the hook when a session's root transaction asks for a connection."""
         try:
             tracked = self.tracked(orm_session)
             if tracked is not None:
+                # A new transaction of a session it already follows: in another request?
+                request = current_request.get()
+                opened_in = tracked.request
+                if (
+                    request is not None
+                    and opened_in is not None
+                    and request is not opened_in
+                    and tracked.shared_in is not request
+                ):
+                    tracked.shared_in = request
+                    self.pitfalls.found(
+                        "shared_session",
+                        tracked,
+                        application_location(frame),
+                        f"opened in {opened_in.method} {opened_in.route}",
+                    )
                 return
             engine = bind if isinstance(bind, Engine) else bind.engine
             entry = self.entry_for(engine)
@@ -128,6 +157,55 @@ class SessionTracker:
         info: dict[Any, Any] | None = orm_session.__dict__.get("info")
         tracked: TrackedSession | None = None if info is None else info.get(self.key)
         return None if tracked is None or tracked.closed else tracked
+
+    def session_flushed(self, orm_session: Session) -> None:
+        tracked = self.tracked(orm_session)
+        if tracked is not None:
+            tracked.flushed_uncommitted = True
+
+    def session_closing(self, orm_session: Session) -> None:
+        """Before a close (called by the _close_impl hook): changes never committed are the
+        forgotten commit, unless an exception is on its way out (then the rollback is the point).
+        The common close, after a commit, has no transaction and costs one lookup."""
+        try:
+            if orm_session.__dict__.get("_transaction") is None or sys.exc_info()[1] is not None:
+                return
+            tracked = self.tracked(orm_session)
+            flushed = tracked is not None and tracked.flushed_uncommitted
+            if not (
+                flushed
+                or orm_session._new
+                or orm_session._deleted
+                or (orm_session.identity_map._modified and orm_session.dirty)
+            ):
+                return
+            # Frames: this method, the hook, Session.close() or whatever called _close_impl.
+            location = application_location(sys._getframe(2))
+            if tracked is not None:
+                self.pitfalls.found("uncommitted_changes", tracked, location)
+                return
+            # Changes only, never flushed: it used no connection, so it has no record (and is
+            # counted nowhere else); a view of it is made for this report alone.
+            bind = orm_session.__dict__.get("bind")
+            entry = self.entry_for(bind) if isinstance(bind, Engine) else None
+            if entry is None:
+                return
+            request = current_request.get()
+            key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
+            view = SessionView(
+                next_session_id(),
+                "session",
+                entry.state.name,
+                entry.state.db_system,
+                key[0],
+                key[1],
+                location,
+                (),
+                time.perf_counter(),
+            )
+            self.pitfalls.found_for("uncommitted_changes", view, self._stats_for(key), location)
+        except Exception:
+            self._guard.failed("session_closing")
 
     def session_closed(self, orm_session: Session) -> None:
         """Called by the Session close hook."""
@@ -264,6 +342,8 @@ class SessionTracker:
         try:
             checkout = self._by_connection.get(id(connection))
             if checkout is not None and not checkout.returned:
+                if checkout.owner is not None:
+                    checkout.owner.flushed_uncommitted = False
                 self.end_transaction(checkout, "commit")
         except Exception:
             self._guard.failed("transaction_commit")
@@ -273,6 +353,8 @@ class SessionTracker:
             checkout = self._by_connection.get(id(connection))
             if checkout is not None and not checkout.returned:
                 outcome = "close" if checkout.transaction_closing else "rollback"
+                if checkout.owner is not None and outcome == "rollback":
+                    checkout.owner.flushed_uncommitted = False  # asked for: discarded on purpose
                 self.end_transaction(checkout, outcome)
         except Exception:
             self._guard.failed("transaction_rollback")

@@ -58,7 +58,15 @@ class Histogram:
 class SessionStats:
     """The sessions of one (route, method)."""
 
-    __slots__ = ("closed", "duration", "idle_in_transaction", "leaked", "opened", "transactions")
+    __slots__ = (
+        "closed",
+        "duration",
+        "idle_in_transaction",
+        "leaked",
+        "opened",
+        "pitfalls",
+        "transactions",
+    )
 
     def __init__(self) -> None:
         self.opened = 0
@@ -68,6 +76,7 @@ class SessionStats:
         # By outcome; a histogram's count is the number of transactions.
         self.transactions: dict[str, Histogram] = {}
         self.idle_in_transaction = 0
+        self.pitfalls: dict[str, int] = {}  # by kind (pitfalls.py)
 
     def copy(self) -> SessionStats:
         copied = SessionStats()
@@ -76,6 +85,7 @@ class SessionStats:
         copied.leaked = self.leaked.copy()
         copied.transactions = {k: v.copy() for k, v in self.transactions.items()}
         copied.idle_in_transaction = self.idle_in_transaction
+        copied.pitfalls = self.pitfalls.copy()
         return copied
 
 

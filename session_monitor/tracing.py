@@ -49,6 +49,7 @@ from .otel_spans import (
     LEAK_REASON,
     LEAKED,
     LISTENER,
+    PITFALL_KIND,
     POOL_NAME,
     SCOPE,
     SESSION_AGE,
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
 
     from .records import CheckoutView, SessionView
+    from .stacks import Location
 
 def _instrument(meter: metrics.Meter, spec: table.MetricSpec) -> Any:
     """The OpenTelemetry instrument of one row of the metrics table."""
@@ -114,6 +116,7 @@ class OpenTelemetryObserver:
         self.waited_checkouts = made[table.WAITED.name]
         self.cancelled_waits = made[table.CANCELLED_WAITS.name]
         self.idle_in_transaction = made[table.IDLE_IN_TRANSACTION.name]
+        self.pitfalls = made[table.PITFALLS.name]
         self._session_attributes: dict[tuple[str, str], Attributes] = {}
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
@@ -255,6 +258,21 @@ class OpenTelemetryObserver:
 
     def wait_cancelled(self, pool_name: str, waited: float) -> None:
         self.cancelled_waits.add(1, self._pool(pool_name))
+
+    def session_pitfall(self, session: SessionView, kind: str, location: Location | None) -> None:
+        self.pitfalls.add(1, self._with(session, PITFALL_KIND, kind))
+        state = self._span_of(session)
+        if state is not None:
+            attributes: Attributes = {PITFALL_KIND: kind}
+            if location is not None:
+                attributes.update(
+                    {
+                        CODE_FILE_PATH: location[0],
+                        CODE_LINE_NUMBER: location[1],
+                        CODE_FUNCTION_NAME: location[2],
+                    }
+                )
+            state.add_event("session.pitfall", attributes)
 
     def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
         self.idle_in_transaction.add(1, self._session(session))

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from _promtool import run_promtool
 
+from session_monitor.pitfalls import KINDS
+
 ROOT = Path(__file__).resolve().parents[1]
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 RULE_TEST_FILES = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
@@ -27,6 +29,7 @@ REQUIRED_ALERTS = {
         "0m",
         "sqlalchemy_sessions_idle_in_transaction_total",
     ),
+    "SQLAlchemySessionPitfall": ("warning", "0m", "sqlalchemy_session_pitfalls_total"),
     "SessionMonitorInternalErrors": ("warning", "0m", "session_monitor_internal_errors_total"),
 }
 
@@ -53,6 +56,11 @@ def rule_tests() -> list[dict[str, Any]]:
 def github_anchor(heading: str) -> str:
     slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return slug.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    headings = re.findall(r"^#{1,6}\s+(.+)$", RUNBOOK.read_text(encoding="utf-8"), re.MULTILINE)
+    return {github_anchor(h) for h in headings}
 
 
 def test_promtool_check_rules() -> None:
@@ -84,9 +92,15 @@ def test_runbook_url_points_at_a_runbook_section(name: str) -> None:
     url = alerts()[name]["annotations"]["runbook_url"]
     path, _, anchor = url.partition("#")
     assert path == "docs/runbook.md", url
-    headings = re.findall(r"^#{1,6}\s+(.+)$", RUNBOOK.read_text(encoding="utf-8"), re.MULTILINE)
-    anchors = {github_anchor(h) for h in headings}
-    assert anchor in anchors, f"{url}: no heading with anchor #{anchor} in {RUNBOOK.name}"
+    assert anchor in runbook_anchors(), f"{url}: no heading with anchor #{anchor} in {RUNBOOK.name}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_pitfall_kind_has_its_runbook_entry(kind: str) -> None:
+    """SQLAlchemySessionPitfall's description sends the reader to docs/runbook.md#<kind>."""
+    description = alerts()["SQLAlchemySessionPitfall"]["annotations"]["description"]
+    assert "docs/runbook.md#{{ $labels.kind }}" in description
+    assert kind in runbook_anchors(), f"no heading with anchor #{kind} in {RUNBOOK.name}"
 
 
 @pytest.mark.parametrize("name", sorted(alerts()))

@@ -186,3 +186,11 @@ def test_targets_and_results_file(run: Run) -> None:
     for fact in ("CPU:", "cores", "Python", "sqlalchemy", "prometheus-client", "date:"):
         assert fact in written
     assert "### micro:" in written and "### memory:" in written
+
+
+def test_instruction_counts_are_printed(run: Run) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed: the instructions section is skipped")
+    (lifecycle,) = run.table("instructions: CPU instructions per operation")
+    assert lifecycle[0] == "session lifecycle"
+    assert int(lifecycle[1].replace(",", "")) > 0  # bare instructions per lifecycle

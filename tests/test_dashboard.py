@@ -39,6 +39,7 @@ SESSION_METRICS = {
     "sqlalchemy_transactions_total",
     "sqlalchemy_transaction_duration_seconds",
     "sqlalchemy_sessions_idle_in_transaction_total",
+    "sqlalchemy_session_pitfalls_total",
 }
 OTHER_METRICS = {"session_monitor_internal_errors_total"}
 HISTOGRAMS = {
@@ -57,7 +58,7 @@ REQUIRED_FILTERS = {
     **{m: INSTANCE_FILTERS for m in OTHER_METRICS},
 }
 
-ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions")
+ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions", "Pitfalls")
 # Where each metric must be drawn (the Overview row repeats some of them).
 METRIC_ROWS = {
     **{m: ("Pool",) for m in POOL_METRICS},
@@ -69,6 +70,7 @@ METRIC_ROWS = {
     "sqlalchemy_transactions_total": ("Transactions",),
     "sqlalchemy_transaction_duration_seconds": ("Transactions",),
     "sqlalchemy_sessions_idle_in_transaction_total": ("Transactions",),
+    "sqlalchemy_session_pitfalls_total": ("Pitfalls",),
     "session_monitor_internal_errors_total": ("Overview",),
 }
 UNITS = {"s", "percentunit", "ops", "reqps", "short"}
@@ -333,3 +335,53 @@ def test_panel_queries_are_valid_promql(tmp_path: Path) -> None:
     path = tmp_path / "dashboard.rules.json"
     path.write_text(json.dumps(rules), encoding="utf-8")  # JSON is YAML
     run_promtool("check", "rules", path)
+
+
+def test_pitfall_panels_answer_before_the_first_pitfall(tmp_path: Path) -> None:
+    """The pitfall counter has no series until its first count: the Pitfalls row's queries fall
+    back to zeros (so the panels, and the end-to-end test, get an answer), which give way to the
+    counted series, its first sample counted, once there is one."""
+    queries = panel_queries({"panels": rows_and_children()["Pitfalls"]}, ALL_VARIABLES)
+    assert len(queries) == 2, queries
+    (_, by_interval), (_, last_hour) = queries
+    clean, buggy = 'route="/items",method="GET"', 'route="/orders",method="POST"'
+    pitfall = f'kind="nested_checkout",{buggy}'
+
+    def series(name: str, labels: str, values: str) -> dict[str, str]:
+        return {"series": f'{name}{{job="app",instance="app:8000",{labels}}}', "values": values}
+
+    def case(expr: str, at: str, *expected: tuple[str, int]) -> dict[str, Any]:
+        return {
+            "expr": expr,
+            "eval_time": at,
+            "exp_samples": [{"labels": f"{{{labels}}}", "value": v} for labels, v in expected],
+        }
+
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    series("sqlalchemy_sessions_opened_total", clean, "0+1x40"),
+                    series("sqlalchemy_sessions_opened_total", buggy, "0+1x40"),
+                    series("sqlalchemy_session_pitfalls_total", pitfall, "_x12 1x28"),  # 1 at 3m
+                ],
+                "promql_expr_test": [
+                    # Before: a zero line per route that opened sessions; one zero row.
+                    case(by_interval, "2m", (clean, 0), (buggy, 0)),
+                    case(last_hour, "2m", ("", 0)),
+                    # The first sample counts, and replaces its route's zero line and the row.
+                    case(by_interval, "3m", (clean, 0), (pitfall, 1)),
+                    case(last_hour, "3m", (pitfall, 1)),
+                    # Over the interval it is gone from the bars (nothing new), not from the hour.
+                    case(by_interval, "5m", (clean, 0), (pitfall, 0)),
+                    case(last_hour, "5m", (pitfall, 1)),
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "pitfall_panels.test.json"
+    path.write_text(json.dumps(tests), encoding="utf-8")  # JSON is YAML
+    run_promtool("test", "rules", path)

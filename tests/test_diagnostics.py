@@ -65,6 +65,7 @@ async def test_loopback_sees_pools_holders_and_leaks_as_json_and_a_page(
     assert data["groups"][0]["count"] == 1
     assert [leak["reason"] for leak in data["leaks"]] == ["request_end"]
     assert data["pools"][0]["used"] == 1
+    assert data["pitfalls"] == []  # a sync endpoint, its own session: none
     # The page's own requests are not the app's: not counted, not leak-checked.
     assert total(registry, "sqlalchemy_sessions_opened_total") == 1
     for session in kept:
@@ -161,3 +162,27 @@ def test_bad_diagnostics_options_say_what_to_fix(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         SessionMonitor(make_engine(sqlite_url), registry=CollectorRegistry(), **options)
+
+
+async def test_pitfalls_are_listed_with_their_route_and_line(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    engine = make_engine(sqlite_url)
+    monitor = make_monitor(engine, registry=registry, diagnostics_path="/_sm")
+    app = FastAPI()
+
+    @app.get("/blocking")
+    async def blocking() -> int:
+        with Session(engine) as session:  # a sync session on the event loop's thread
+            return int(session.execute(text("select 1")).scalar_one())
+
+    monitor.instrument_app(app)
+    async with client(app) as http:
+        assert (await http.get("/blocking")).json() == 1
+        data = (await http.get("/_sm/json")).json()
+    (pitfall,) = data["pitfalls"]
+    assert (pitfall["kind"], pitfall["route"]) == ("blocking_event_loop", "/blocking")
+    assert pitfall["at_line"].endswith("in blocking")

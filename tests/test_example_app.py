@@ -309,3 +309,31 @@ async def test_loadgen_without_failures_leaves_no_session_open(server_url: str) 
     assert summary.metrics.sessions_opened == summary.metrics.sessions_closed == 100
     assert summary.metrics.sessions_leaked == {}
     assert summary.metrics.connection_timeouts == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/demo/pitfall/blocking", "blocking_event_loop"),
+        ("/demo/pitfall/forgot-commit", "uncommitted_changes"),
+        ("/demo/pitfall/nested", "nested_checkout"),
+    ],
+)
+async def test_each_pitfall_demo_is_caught_once_per_request(
+    path: str, kind: str, client: httpx.AsyncClient, registry: CollectorRegistry
+) -> None:
+    for _ in range(2):
+        assert (await client.get(path)).status_code == 200
+    found = registry.get_sample_value(
+        "sqlalchemy_session_pitfalls_total", {"kind": kind, "route": path, "method": "GET"}
+    )
+    assert found == 2
+
+
+async def test_the_shared_session_demo_is_caught_from_its_second_request(
+    client: httpx.AsyncClient, registry: CollectorRegistry
+) -> None:
+    for _ in range(3):
+        assert (await client.get("/demo/pitfall/shared")).status_code == 200
+    labels = {"kind": "shared_session", "route": "/demo/pitfall/shared", "method": "GET"}
+    assert registry.get_sample_value("sqlalchemy_session_pitfalls_total", labels) == 2

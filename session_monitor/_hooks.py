@@ -51,7 +51,7 @@ class Subscriber(NamedTuple):
     acquire_started: Callable[[Engine], Any]
     # (token, perf_counter() when it began, the exception the checkout raised or None)
     acquire_finished: Callable[[Any, float, BaseException | None], None]
-    session_acquiring: Callable[[Session, Any, FrameType], None]
+    session_acquiring: Callable[[Session, Any, FrameType | None], None]
     session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
     session_flushed: Callable[[Session], None]
     session_closed: Callable[[Session], None]
@@ -124,7 +124,9 @@ def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
         watched = [(s, t) for s in subscribers if (t := s.acquire_started(self)) is not None]
     if not watched:
         return _orig_raw_connection(self, *args, **kw)
-    current = _acquisition(sys._getframe(1), watched)
+    # f_back, not _getframe(1): the wrapper may be a greenlet's first frame (AsyncEngine's
+    # raw_connection() runs it through greenlet_spawn), where there is no caller.
+    current = _acquisition(sys._getframe().f_back, watched)
     context_token = acquisition.set(current)
     failure: BaseException | None = None
     try:
@@ -139,10 +141,13 @@ def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
         failure = None  # no reference cycle through the traceback
 
 
-def _acquisition(caller: FrameType, watched: list[tuple[Subscriber, Any]]) -> Acquisition:
+def _acquisition(
+    caller: FrameType | None, watched: list[tuple[Subscriber, Any]]
+) -> Acquisition:
     started = time.perf_counter()
     if (
-        caller.f_code is not _CONNECTION_INIT
+        caller is None
+        or caller.f_code is not _CONNECTION_INIT
         or acquiring_session.get() is not None
         # Without the session hooks an ORM session's connection would look like the app's own.
         or (SessionTransaction, "_connection_for_bind") not in _originals
@@ -173,7 +178,7 @@ def _connection_for_bind(
     ):
         return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
     session = self.session
-    caller = sys._getframe(1)
+    caller = sys._getframe().f_back  # None when the wrapper is a greenlet's first frame
     for subscriber in subscribers:
         subscriber.session_acquiring(session, bind, caller)
     del caller

@@ -65,6 +65,7 @@ class TrackedSession:
         "flushed_uncommitted",
         "leak_reason",
         "request",
+        "session_key",
         "session_ref",
         "shared_in",
         "stats",
@@ -103,6 +104,7 @@ class TrackedSession:
         self.stats = stats  # the counters of its (route, method)
         # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
         self.session_ref: weakref.ref[Any] | None = None
+        self.session_key = 0  # id() of its ORM Session, while it is open
         self.shared_in: RequestScope | None = None  # the other request it was last used in
         # Flushed since its last commit or rollback: what close() without commit() throws away.
         self.flushed_uncommitted = False

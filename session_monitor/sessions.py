@@ -53,11 +53,12 @@ class SessionTracker:
         self._config = config
         self._emit = observers  # None when the metrics are all there is: no call at all
         self._guard = guard
-        # The key under which this monitor keeps its record in `Session.info`.
-        self.key = object()
         # Open ORM sessions by id() of their weak reference (`TrackedSession.session_ref`);
-        # one bound method serves as every reference's callback.
+        # one bound method serves as every reference's callback. And by id() of the Session:
+        # nothing is written into the app's Session (its `info` is the app's own). The weak
+        # reference's callback removes a collected Session before its id() can be reused.
         self._live: dict[int, TrackedSession] = {}
+        self._by_session: dict[int, TrackedSession] = {}
         self._collected_callback = self._collected
         # Guards the counters and each record's closed and leak_reason. Reentrant: a garbage
         # collection during a snapshot's copies may close a collected session.
@@ -113,7 +114,9 @@ class SessionTracker:
                 stats = self._stats.setdefault(key, new)
         return stats
 
-    def session_acquiring(self, orm_session: Session, bind: Any, frame: FrameType) -> None:
+    def session_acquiring(
+        self, orm_session: Session, bind: Any, frame: FrameType | None
+    ) -> None:
         """Called by the hook when a session's root transaction asks for a connection."""
         try:
             tracked = self.tracked(orm_session)
@@ -145,18 +148,21 @@ class SessionTracker:
             else:
                 stack, location = (), application_location(frame)
             tracked = self.open("session", entry.state, location, stack, current_request.get())
-            orm_session.info[self.key] = tracked
             # The record keeps its reference alive, so the id() stays unique while it is listed.
             tracked.session_ref = weakref.ref(orm_session, self._collected_callback)
             self._live[id(tracked.session_ref)] = tracked
+            tracked.session_key = id(orm_session)
+            self._by_session[tracked.session_key] = tracked
         except Exception:
             self._guard.failed("session_open")
 
     def tracked(self, orm_session: Session) -> TrackedSession | None:
         """This monitor's open record of an ORM session."""
-        info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-        tracked: TrackedSession | None = None if info is None else info.get(self.key)
-        return None if tracked is None or tracked.closed else tracked
+        tracked = self._by_session.get(id(orm_session))
+        if tracked is None or tracked.closed:
+            return None
+        ref = tracked.session_ref
+        return tracked if ref is not None and ref() is orm_session else None
 
     def session_flushed(self, orm_session: Session) -> None:
         tracked = self.tracked(orm_session)
@@ -180,7 +186,8 @@ class SessionTracker:
             ):
                 return
             # Frames: this method, the hook, Session.close() or whatever called _close_impl.
-            location = application_location(sys._getframe(2))
+            hook = sys._getframe().f_back
+            location = application_location(None if hook is None else hook.f_back)
             if tracked is not None:
                 self.pitfalls.found("uncommitted_changes", tracked, location)
                 return
@@ -210,8 +217,7 @@ class SessionTracker:
     def session_closed(self, orm_session: Session) -> None:
         """Called by the Session close hook."""
         try:
-            info: dict[Any, Any] | None = orm_session.__dict__.get("info")
-            tracked = None if info is None else info.pop(self.key, None)
+            tracked = self.tracked(orm_session)
             if tracked is not None:
                 self.close(tracked)
         except Exception:
@@ -223,8 +229,6 @@ class SessionTracker:
         try:
             tracked = self.tracked(orm_session)
             if tracked is not None and not tracked.checkouts:
-                info: dict[Any, Any] = orm_session.__dict__.get("info") or {}
-                info.pop(self.key, None)
                 self.close(tracked)
         except Exception:
             self._guard.failed("session_acquire_failed")
@@ -251,6 +255,8 @@ class SessionTracker:
             histogram.sum += duration
         if tracked.session_ref is not None:
             self._live.pop(id(tracked.session_ref), None)
+            if self._by_session.get(tracked.session_key) is tracked:
+                del self._by_session[tracked.session_key]
             # Dropping the reference drops its callback: a closed session dies unobserved.
             tracked.session_ref = None
         for checkout in tracked.checkouts:

@@ -522,3 +522,45 @@ def test_uninstrument_during_traffic_changes_no_result_and_counts_no_leak(
     assert total(registry, "sqlalchemy_sessions_active") == 0
     assert total(registry, "db_client_connection_count", state="used") == 0
     assert internal_errors(registry) == 0
+
+
+# -- found by SQLAlchemy's own test suite with the monitor injected (tests/upstream) ----------
+
+
+def test_raw_connection_as_a_greenlets_first_frame_works(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    # AsyncEngine.raw_connection() runs sync_engine.raw_connection through greenlet_spawn: the
+    # wrapper is then the greenlet's first frame, with no caller frame to look at.
+    greenlet = pytest.importorskip("greenlet")
+    engine = make_engine(sqlite_url)
+    make_monitor(engine, registry=registry)
+    connection = greenlet.greenlet(engine.raw_connection).switch()
+    connection.close()
+    assert total(registry, "db_client_connection_use_time_seconds_count") == 1
+    assert internal_errors(registry) == 0
+
+
+def test_the_apps_session_info_is_left_as_it_was(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    import json
+
+    engine = make_engine(sqlite_url)
+    make_monitor(engine, registry=registry)
+    session = Session(engine, info={"tenant": "a"})
+    session.execute(text("select 1"))
+    assert session.info == {"tenant": "a"}
+    assert json.dumps(session.info) == '{"tenant": "a"}'
+    copy = Session(engine, info=session.info)  # an app copying it copies nothing of ours
+    copy.execute(text("select 1"))
+    assert total(registry, "sqlalchemy_sessions_opened_total") == 2
+    copy.close()
+    session.close()
+    assert total(registry, "sqlalchemy_sessions_closed_total") == 2

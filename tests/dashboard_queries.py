@@ -4,7 +4,9 @@
                                         "route": ".*", "__rate_interval": "1m",
                                         "__range": "5m", "__interval": "15s"})
 
-gives one (panel title, expr) pair per target, panels of collapsed rows included.
+gives one (panel title, expr) pair per target, panels of collapsed rows included;
+`metric_names(expr)` the series names an expression selects, `label_matchers(selector)` the
+matchers of one selector.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-# $name, ${name} and ${name:format}.
-_VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
+# $name, ${name} and ${name:format}; not label_replace's "$1", which Grafana leaves alone.
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
+_IDENTIFIER = r"[A-Za-z_:][\w:]*"
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
 def iter_panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -47,3 +51,20 @@ def panel_queries(
         for target in panel.get("targets", [])
         if target.get("expr")
     ]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Names of the series an expression selects: identifiers that are not functions,
+    keywords, label names, durations or strings."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", "", e)
+    e = re.sub(r"\[[^\]]*\]", "", e)
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
+    e = re.sub(r"\boffset\s+[\w$]+", "", e)
+    found = re.findall(rf"(?<![\w:$])({_IDENTIFIER})(?![\w:])(?!\s*\()", e)
+    return {name for name in found if name not in {"and", "or", "unless", "bool"}}
+
+
+def label_matchers(selector: str) -> dict[str, str]:
+    """`{a=~"x",b!="y"}` -> {"a": '=~"x"', "b": '!="y"'}."""
+    return {label: f'{op}"{value}"' for label, op, value in _MATCHER.findall(selector)}

@@ -10,7 +10,13 @@ from urllib.parse import unquote
 
 import pytest
 from _promtool import run_promtool
-from dashboard_queries import iter_panels, panel_queries, substitute
+from dashboard_queries import (
+    iter_panels,
+    label_matchers,
+    metric_names,
+    panel_queries,
+    substitute,
+)
 
 from session_monitor.metrics import ALL_METRICS
 
@@ -41,6 +47,8 @@ SESSION_METRICS = {
     "sqlalchemy_sessions_idle_in_transaction_total",
     "sqlalchemy_session_pitfalls_total",
 }
+# The OpenTelemetry connection-pool conventions: the Pool row reads them in both label forms.
+SEMCONV_METRICS = {m for m in POOL_METRICS if m.startswith("db_client_connection_")}
 OTHER_METRICS = {"session_monitor_internal_errors_total"}
 HISTOGRAMS = {
     "db_client_connection_wait_time_seconds",
@@ -51,12 +59,18 @@ HISTOGRAMS = {
 }
 CONTRACT = POOL_METRICS | SESSION_METRICS | OTHER_METRICS
 
-INSTANCE_FILTERS = ('job=~"$job"', 'instance=~"$instance"')
+INSTANCE_FILTERS = {"job": '=~"$job"', "instance": '=~"$instance"'}
 REQUIRED_FILTERS = {
-    **{m: (*INSTANCE_FILTERS, 'pool_name=~"$pool_name"') for m in POOL_METRICS},
-    **{m: (*INSTANCE_FILTERS, 'route=~"$route"') for m in SESSION_METRICS},
+    **{m: INSTANCE_FILTERS for m in POOL_METRICS},  # + the pool, in one of the two forms
+    **{m: {**INSTANCE_FILTERS, "route": '=~"$route"'} for m in SESSION_METRICS},
     **{m: INSTANCE_FILTERS for m in OTHER_METRICS},
 }
+# session_monitor's pool and state labels, and what OpenTelemetry's Prometheus exporter makes of
+# the attributes db.client.connection.pool.name and db.client.connection.state.
+OWN_POOL, OTEL_POOL = "pool_name", "db_client_connection_pool_name"
+OWN_STATE, OTEL_STATE = "state", "db_client_connection_state"
+RENAME_POOL = f'"{OWN_POOL}", "$1", "{OTEL_POOL}", "(.+)"'
+RENAME_STATE = f'"{OWN_STATE}", "$1", "{OTEL_STATE}", "(.+)"'
 
 ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions", "Pitfalls")
 # Where each metric must be drawn (the Overview row repeats some of them).
@@ -78,7 +92,7 @@ TRACEQL = "{ span.session_monitor.leaked = true }"
 ALL_VARIABLES = {
     "job": ".*",
     "instance": ".*",
-    "pool_name": ".*",
+    "pool_name": ".+",  # its allValue: see test_pool_variable_finds_both_label_forms
     "route": ".*",
     "__rate_interval": "1m",
     "__range": "1h",
@@ -107,18 +121,6 @@ def all_exprs() -> list[tuple[str, str]]:
         for panel in visualisations()
         for target in panel.get("targets", [])
     ]
-
-
-def metric_names(expr: str) -> set[str]:
-    """Names of the series an expression selects: identifiers that are not functions,
-    keywords, label names, durations or strings."""
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    e = re.sub(r"\{[^}]*\}", "", e)
-    e = re.sub(r"\[[^\]]*\]", "", e)
-    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", e)
-    e = re.sub(r"\boffset\s+[\w$]+", "", e)
-    found = re.findall(rf"(?<![\w:$])({_IDENTIFIER})(?![\w:])(?!\s*\()", e)
-    return {name for name in found if name not in {"and", "or", "unless", "bool"}}
 
 
 def contract_base(name: str) -> str | None:
@@ -157,8 +159,28 @@ def test_identity() -> None:
     assert 36 <= DASHBOARD["schemaVersion"] <= 41
 
 
+def template_variables() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+
+
+def variable_query(variable: dict[str, Any]) -> str:
+    query = variable["query"]
+    return str(query["query"] if isinstance(query, dict) else query)
+
+
+def target_expr(title: str, ref_id: str = "A") -> str:
+    (expr,) = [
+        target["expr"]
+        for panel in visualisations()
+        if panel["title"] == title
+        for target in panel["targets"]
+        if target["refId"] == ref_id
+    ]
+    return str(expr)
+
+
 def test_template_variables() -> None:
-    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    variables = template_variables()
     datasource = variables["datasource"]
     assert datasource["type"] == "datasource"
     assert datasource["query"] == "prometheus"
@@ -168,10 +190,10 @@ def test_template_variables() -> None:
         assert variable["datasource"]["uid"] == "${datasource}", name
         assert variable["multi"] is True, name
         assert variable["includeAll"] is True, name
+        if name == "pool_name":
+            continue  # test_pool_variable_finds_both_label_forms
         assert variable["allValue"] == ".*", name
-        query = (
-            variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
-        )
+        query = variable_query(variable)
         match = re.fullmatch(rf"label_values\(({_IDENTIFIER})(\{{[^}}]*\}})?,\s*{name}\)", query)
         assert match, f"{name}: {query!r} is not label_values(<metric>, {name})"
         assert match.group(1) in CONTRACT, f"{name}: {match.group(1)} is not in the contract"
@@ -266,9 +288,164 @@ def test_expr_filters_by_variables(title: str, expr: str) -> None:
     for name in metric_names(expr):
         base = contract_base(name)
         assert base is not None
-        for matchers in selectors(expr, name):
-            missing = [f for f in REQUIRED_FILTERS[base] if f not in matchers]
-            assert not missing, f"{title}: {name}{matchers} lacks {missing}"
+        for selector in selectors(expr, name):
+            found = label_matchers(selector)
+            missing = {k: v for k, v in REQUIRED_FILTERS[base].items() if found.get(k) != v}
+            assert not missing, f"{title}: {name}{selector} lacks {missing}"
+            if base in POOL_METRICS:
+                # Semantic-convention metrics in either label form, session_monitor's own in its.
+                forms = (OWN_POOL, OTEL_POOL) if base in SEMCONV_METRICS else (OWN_POOL,)
+                pools = [label for label in forms if found.get(label) == '=~"$pool_name"']
+                assert len(pools) == 1, f"{title}: {name}{selector} filters no pool by {forms}"
+
+
+def semconv_exprs() -> list[tuple[str, str]]:
+    return [
+        (title, expr)
+        for title, expr in all_exprs()
+        if any(contract_base(name) in SEMCONV_METRICS for name in metric_names(expr))
+    ]
+
+
+@pytest.mark.parametrize(("title", "expr"), semconv_exprs())
+def test_semconv_queries_read_both_label_forms(title: str, expr: str) -> None:
+    """Every selector of a semantic-convention metric has a twin in the OpenTelemetry exporter's
+    form (same filters, its state label for ours), and where the result is grouped by pool or
+    state, that twin's labels are renamed to ours."""
+    otel_selectors = 0
+    for name in metric_names(expr):
+        if contract_base(name) not in SEMCONV_METRICS:
+            continue
+        own, otel = [], []
+        for selector in selectors(expr, name):
+            found = label_matchers(selector)
+            if OTEL_POOL in found:
+                assert OWN_POOL not in found and OWN_STATE not in found, f"{title}: {selector}"
+                otel.append((found.get(OTEL_STATE), found.pop(OTEL_POOL)))
+            else:
+                own.append((found.get(OWN_STATE), found.pop(OWN_POOL)))
+        assert own, f"{title}: {name} is read only in the OpenTelemetry exporter's form"
+        assert sorted(own, key=str) == sorted(otel, key=str), (
+            f"{title}: {name} in session_monitor's form {own}, in the exporter's {otel}"
+        )
+        otel_selectors += len(otel)
+    grouped = {
+        label.strip()
+        for labels in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
+        for label in labels.split(",")
+    }
+    assert not grouped & {OTEL_POOL, OTEL_STATE}, f"{title}: grouped by {grouped}"
+    if OWN_POOL in grouped:
+        assert expr.count(RENAME_POOL) == otel_selectors, f"{title}: not every pool renamed"
+    if OWN_STATE in grouped:
+        assert expr.count(RENAME_STATE) == otel_selectors, f"{title}: not every state renamed"
+
+
+def test_pool_variable_finds_both_label_forms(tmp_path: Path) -> None:
+    """The Pool variable lists the pools of both forms, and its All is `.+`: no series lacks the
+    pool label of its form, while `.*` would also match the label's absence, so that a query's
+    session_monitor branch would take in the other form's series too (counted twice, once
+    without a pool). Both forms at once, through promtool: no pool counted twice or lost."""
+    variable = template_variables()["pool_name"]
+    assert variable["allValue"] == ".+"
+    query = variable_query(variable)
+    assert variable["definition"] == query
+    assert variable["query"]["qryType"] == 3  # query_result
+    match = re.fullmatch(r"query_result\((.+)\)", query)
+    assert match, query
+    pools = match.group(1)
+    assert metric_names(pools) == {"db_client_connection_count"}
+    assert RENAME_POOL in pools
+    regex = variable["regex"]
+    assert regex.startswith("/") and regex.endswith("/"), regex
+    # What Grafana matches it against: query_result's lines.
+    for line, pool in (('{pool_name="db:5432/app"} 2 1712345678000', "db:5432/app"),):
+        found = re.search(regex[1:-1], line)
+        assert found and found.group(1) == pool
+
+    own = 'job="app",instance="app:8000",pool_name="app.db"'
+    otel = 'job="orders",instance="orders:9464",db_client_connection_pool_name="orders",otel_scope_name="pool"'
+
+    def series(name: str, labels: str, values: str) -> dict[str, str]:
+        return {"series": f"{name}{{{labels}}}", "values": values}
+
+    def case(expr: str, pool: str, *expected: tuple[str, float]) -> dict[str, Any]:
+        return {
+            "expr": substitute(expr, {**ALL_VARIABLES, "pool_name": pool}),
+            "eval_time": "2m",
+            "exp_samples": [{"labels": labels, "value": value} for labels, value in expected],
+        }
+
+    connections = "Connections: used / idle vs max"
+    utilisation = target_expr("Pool utilisation")
+    timeouts = target_expr("Checkout timeouts (last 1h)")
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "15s",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": [
+                    series("db_client_connection_count", f'{own},state="idle"', "4x10"),
+                    series("db_client_connection_count", f'{own},state="used"', "1x10"),
+                    series("db_client_connection_max", own, "5x10"),
+                    series("db_client_connection_timeouts_total", own, "0+1x10"),
+                    series(
+                        "db_client_connection_count",
+                        f'{otel},db_client_connection_state="idle"',
+                        "3x10",
+                    ),
+                    series(
+                        "db_client_connection_count",
+                        f'{otel},db_client_connection_state="used"',
+                        "2x10",
+                    ),
+                    series("db_client_connection_max", otel, "8x10"),
+                    series("db_client_connection_timeouts_total", otel, "0+2x10"),
+                ],
+                "promql_expr_test": [
+                    case(
+                        pools,
+                        ".+",
+                        ('{pool_name="app.db"}', 2),
+                        ('{pool_name="orders"}', 2),
+                    ),
+                    case(
+                        target_expr(connections),
+                        ".+",
+                        ('{pool_name="app.db",state="idle"}', 4),
+                        ('{pool_name="app.db",state="used"}', 1),
+                        ('{pool_name="orders",state="idle"}', 3),
+                        ('{pool_name="orders",state="used"}', 2),
+                    ),
+                    case(
+                        target_expr(connections),
+                        "orders",
+                        ('{pool_name="orders",state="idle"}', 3),
+                        ('{pool_name="orders",state="used"}', 2),
+                    ),
+                    case(
+                        target_expr(connections, "B"),
+                        ".+",
+                        ('{pool_name="app.db"}', 5),
+                        ('{pool_name="orders"}', 8),
+                    ),
+                    case(
+                        utilisation,
+                        ".+",
+                        ('{pool_name="app.db"}', 0.2),
+                        ('{pool_name="orders"}', 0.25),
+                    ),
+                    case(timeouts, ".+", ("{}", 8 + 16)),
+                    case(timeouts, "app.db", ("{}", 8)),
+                    case(timeouts, "orders", ("{}", 16)),
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "pool_forms.test.json"
+    path.write_text(json.dumps(tests), encoding="utf-8")  # JSON is YAML
+    run_promtool("test", "rules", path)
 
 
 def test_leak_panels_link_to_tempo() -> None:
@@ -287,7 +464,7 @@ def test_panel_queries_covers_every_target() -> None:
     queries = panel_queries(DASHBOARD, ALL_VARIABLES)
     assert len(queries) == len(all_exprs())
     for title, expr in queries:
-        assert "$" not in expr, f"{title}: unsubstituted variable in {expr!r}"
+        assert not re.search(r"\$[A-Za-z_{]", expr), f"{title}: unsubstituted variable in {expr!r}"
     assert any("[1m]" in expr for _, expr in queries)
     assert any("offset 1h" in expr for _, expr in queries)
 
@@ -315,6 +492,9 @@ def test_panel_queries_reaches_into_collapsed_rows() -> None:
 def test_substitute_handles_braces_and_refuses_unknown_variables() -> None:
     assert substitute("x[${__range}] offset $__range", {"__range": "5m"}) == "x[5m] offset 5m"
     assert substitute('{a=~"${job:regex}"}', {"$job": "j"}) == '{a=~"j"}'
+    assert substitute('label_replace(x, "a", "$1", "b", "(.+)")', {}) == (
+        'label_replace(x, "a", "$1", "b", "(.+)")'
+    )
     with pytest.raises(KeyError, match="__interval"):
         substitute("x[$__interval]", {"__range": "5m"})
 

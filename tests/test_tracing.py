@@ -506,6 +506,8 @@ async def test_pool_timeout_is_an_event_on_the_waiting_session(
     timeout = span_event(waiting, "pool.timeout")
     assert timeout["db.client.connection.pool.name"] == stack.pool_name
     assert timeout["session_monitor.connection.wait_time"] >= 0.2
+    # Who held the pool, as the timeout WARNING says it.
+    assert timeout["session_monitor.pool.holders"].startswith("1 of 1 held by GET /hold, opened at")
     assert waiting.status.status_code is StatusCode.ERROR
     assert (waiting.status.description or "").startswith("connection pool timeout")
     assert attrs_of(waiting)["session_monitor.connection.checkouts"] == 0

@@ -237,6 +237,15 @@ class SessionTracker:
         try:
             tracked = self._live.get(id(ref))
             if tracked is not None:
+                if tracked.flushed_uncommitted and not tracked.closed:
+                    # Dropped with flushed writes never committed: the garbage collector's
+                    # reset rolls them back, the forgotten commit without even a close().
+                    self.pitfalls.found(
+                        "uncommitted_changes",
+                        tracked,
+                        tracked.view.location,
+                        "dropped unclosed; the garbage collector rolled the changes back",
+                    )
                 self.close(tracked, collected=True)
         except Exception:
             self._guard.failed("session_collected")

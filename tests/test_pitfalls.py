@@ -361,3 +361,21 @@ def test_pitfalls_reach_observers_too(
     assert [kind for kind, _ in seen] == ["uncommitted_changes"]
     file, _, function = seen[0][1]  # where the session was closed: the end of the with block
     assert (file, function) == (str(HERE), "test_pitfalls_reach_observers_too")
+
+
+def test_a_session_dropped_with_flushed_changes_is_the_forgotten_commit_too(
+    engine: Engine, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
+) -> None:
+    import gc
+
+    make_monitor(engine, registry=registry)
+
+    def drop() -> None:
+        session = Session(engine)
+        session.add(Note(text="l"))
+        session.flush()  # dropped-with-writes
+
+    drop()
+    gc.collect()
+    assert pitfalls(registry, kind="uncommitted_changes") == 1
+    assert total(registry, "sqlalchemy_sessions_leaked_total", reason="gc") == 1

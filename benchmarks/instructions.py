@@ -13,6 +13,7 @@ Run alone: ``python -m benchmarks.instructions OP VARIANT N`` runs N operations 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -90,8 +91,15 @@ def _count(variant: Variant, key: str, n: int, db_path: str) -> int:
         str(n),
         db_path,
     ]
+    # A fixed hash seed: with random ones, start-up alone varies by millions of instructions.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     result = subprocess.run(
-        command, capture_output=True, text=True, check=False, cwd=Path(__file__).parent.parent
+        command,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+        env=env,
     )
     found = _COLLECTED.search(result.stderr)
     if result.returncode != 0 or found is None:

@@ -55,7 +55,7 @@ class Subscriber(NamedTuple):
     session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
     session_flushed: Callable[[Session], None]
     session_closed: Callable[[Session], None]
-    session_acquire_failed: Callable[[Session], None]
+    session_acquire_failed: Callable[[Session, BaseException], None]
     transaction_began: Callable[[Connection], None]
     transaction_committed: Callable[[Connection], None]
     transaction_rolling_back: Callable[[Connection], None]
@@ -183,16 +183,18 @@ def _connection_for_bind(
         subscriber.session_acquiring(session, bind, caller)
     del caller
     token = acquiring_session.set(weakref.ref(session))
-    failed = True
+    failure: BaseException | None = None
     try:
-        connection = _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
-        failed = False
-        return connection
+        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
+    except BaseException as error:  # noted for the monitors, and raised on untouched
+        failure = error
+        raise
     finally:
         acquiring_session.reset(token)
-        if failed:  # no connection came (a pool timeout, a refused connect): it holds nothing
+        if failure is not None:  # no connection came (a pool timeout, a refused connect...)
             for subscriber in subscribers:
-                subscriber.session_acquire_failed(session)
+                subscriber.session_acquire_failed(session, failure)
+        failure = None  # no reference cycle through the traceback
 
 
 def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:

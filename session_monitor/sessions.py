@@ -21,6 +21,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -223,12 +224,27 @@ class SessionTracker:
         except Exception:
             self._guard.failed("session_close")
 
-    def session_acquire_failed(self, orm_session: Session) -> None:
+    def session_acquire_failed(self, orm_session: Session, failure: BaseException) -> None:
         """Its first connection never came: it used no database and holds nothing, so it is
-        closed now, never leaked (a dropped session of a pool exhaustion is no leak)."""
+        closed now, never leaked (a dropped session of a pool exhaustion is no leak).
+
+        Unless SQLAlchemy refused a second, concurrent caller while the first is still
+        connecting: the session is used by two tasks or threads at once (shared_session)."""
         try:
             tracked = self.tracked(orm_session)
-            if tracked is not None and not tracked.checkouts:
+            if tracked is None:
+                return
+            if isinstance(failure, exc.InvalidRequestError) and "concurrent operations" in str(
+                failure
+            ):
+                hook = sys._getframe().f_back
+                self.pitfalls.found(
+                    "shared_session",
+                    tracked,
+                    application_location(None if hook is None else hook.f_back),
+                    "used by two tasks or threads at once; SQLAlchemy refused the second",
+                )
+            elif not tracked.checkouts:
                 self.close(tracked)
         except Exception:
             self._guard.failed("session_acquire_failed")

@@ -379,3 +379,32 @@ def test_a_session_dropped_with_flushed_changes_is_the_forgotten_commit_too(
     gc.collect()
     assert pitfalls(registry, kind="uncommitted_changes") == 1
     assert total(registry, "sqlalchemy_sessions_leaked_total", reason="gc") == 1
+
+
+async def test_an_async_session_used_by_two_tasks_at_once_is_shared(
+    tmp_path: Path, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
+) -> None:
+    import asyncio
+
+    pytest.importorskip("aiosqlite")
+    from sqlalchemy import exc
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    make_monitor(engine, registry=registry)
+    session = AsyncSession(engine)
+    try:
+        # asyncio.gather over one session: the tutorials' async version of sharing it. Both
+        # run to their end; SQLAlchemy refuses the second while the first connects.
+        results = await asyncio.gather(
+            session.execute(text("select 1")),
+            session.execute(text("select 2")),
+            return_exceptions=True,
+        )
+        refused = [r for r in results if isinstance(r, exc.InvalidRequestError)]
+        assert len(refused) == 1 and "concurrent operations" in str(refused[0])
+        assert pitfalls(registry, kind="shared_session") == 1
+        assert total(registry, "sqlalchemy_sessions_opened_total") == 1
+    finally:
+        await session.close()
+        await engine.dispose()

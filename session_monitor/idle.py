@@ -12,19 +12,19 @@ pass over the checked-out connections.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 
 from .holders import where_now
 from .leaks import describe
+from .periodic import PeriodicScan
 from .records import TrackedCheckout
 from .stacks import Location, format_location
 
 logger = logging.getLogger("session_monitor")
 
 
-class IdleInTransactionSampler:
+class IdleInTransactionSampler(PeriodicScan):
     def __init__(
         self,
         threshold: float,
@@ -35,28 +35,8 @@ class IdleInTransactionSampler:
         self.threshold = threshold
         self._checkouts = checkouts
         self._report = report
-        self._on_error = on_error
-        self._stop = threading.Event()
         # Samples often enough to report within a fifth of the threshold past it.
-        self.interval = min(max(threshold / 5, 0.02), 1.0)
-        self._thread = threading.Thread(
-            target=self._run, name="session_monitor-idle-sampler", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sample()
-            except Exception:
-                self._on_error("idle_sampler")
+        super().__init__("idle_sampler", min(max(threshold / 5, 0.02), 1.0), self.sample, on_error)
 
     def sample(self) -> None:
         now = time.perf_counter()

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from .periodic import PeriodicScan
 from .stacks import format_location, format_stack
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ class LeakDetector:
             )
 
 
-class AgeWatcher:
+class AgeWatcher(PeriodicScan):
     """Report each connection held longer than `threshold` once, from a daemon thread."""
 
     def __init__(
@@ -135,28 +136,8 @@ class AgeWatcher:
         self.threshold = threshold
         self._checkouts = checkouts
         self._report = report
-        self._on_error = on_error
-        self._stop = threading.Event()
         # Often enough to report within a quarter of the threshold, never a busy loop.
-        self._interval = min(max(threshold / 4, 0.05), 5.0)
-        self._thread = threading.Thread(
-            target=self._run, name="session_monitor-age-watcher", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.scan()
-            except Exception:
-                self._on_error("age_watcher")
+        super().__init__("age_watcher", min(max(threshold / 4, 0.05), 5.0), self.scan, on_error)
 
     def scan(self) -> None:
         for checkout in self._checkouts():

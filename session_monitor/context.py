@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 from .naming import UNMATCHED_ROUTE, method_label, route_label
 
 if TYPE_CHECKING:
-    from .records import TrackedCheckout, TrackedSession
+    from .records import TrackedSession
 
 
 class RequestScope:
     __slots__ = (
         "_route",
         "asgi_scope",
-        "checkouts",
         "failure",
         "method",
         "responded",
@@ -40,7 +39,6 @@ class RequestScope:
         self._route: str | None = None
         # Appended from worker threads too: list.append is atomic, and only the middleware reads.
         self.sessions: list[TrackedSession] = []
-        self.checkouts: list[TrackedCheckout] = []
         self.failure: str | None = None  # "answered 500", "raised KeyError": set by the middleware
         self.responded = False  # the whole response is sent
 

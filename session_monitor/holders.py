@@ -120,7 +120,7 @@ def where_now(checkout: TrackedCheckout) -> tuple[str, str, tuple[Location, ...]
             activity = "database" if _is_database_frame(innermost) else "awaiting"
             stack: list[Location] = []
             for frame in reversed(chain):
-                stack.extend(application_stack(_alone(frame), 1))
+                stack.extend(application_stack(_Alone(frame), 1))  # type: ignore[arg-type]
                 if len(stack) >= _NOW_DEPTH:
                     break
             return name, activity, tuple(stack)
@@ -139,9 +139,6 @@ class _Alone:
     def __init__(self, frame: FrameType) -> None:
         self.f_code, self.f_lineno, self.f_back = frame.f_code, frame.f_lineno, None
 
-
-def _alone(frame: FrameType) -> Any:
-    return _Alone(frame)
 
 
 def _activity(frame: FrameType | None) -> str:

@@ -55,11 +55,14 @@ class SessionMonitorMiddleware:
         async def send_noting_status(message: Message) -> None:
             # An error status tells a leak's WARNING that the endpoint may have raised past a
             # get_db without finally (an HTTPException is answered inside, never reaches here).
-            kind = message["type"]
-            if kind == "http.response.start" and message.get("status", 200) >= 400:
-                request.failure = f"answered {message['status']}"
-            elif kind == "http.response.body" and not message.get("more_body", False):
-                request.responded = True  # what runs now is cleanup and background tasks
+            try:
+                kind = message["type"]
+                if kind == "http.response.start" and message.get("status", 200) >= 400:
+                    request.failure = f"answered {message['status']}"
+                elif kind == "http.response.body" and not message.get("more_body", False):
+                    request.responded = True  # what runs now is cleanup and background tasks
+            except Exception:  # an odd message is the app's business, not ours to fail on
+                monitor._guard.failed("middleware_send")
             await send(message)
 
         try:

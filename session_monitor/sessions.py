@@ -166,9 +166,12 @@ class SessionTracker:
         return tracked if ref is not None and ref() is orm_session else None
 
     def session_flushed(self, orm_session: Session) -> None:
-        tracked = self.tracked(orm_session)
-        if tracked is not None:
-            tracked.flushed_uncommitted = True
+        try:
+            tracked = self.tracked(orm_session)
+            if tracked is not None:
+                tracked.flushed_uncommitted = True
+        except Exception:
+            self._guard.failed("session_flushed")
 
     def session_closing(self, orm_session: Session) -> None:
         """Before a close (called by the _close_impl hook): changes never committed are the

@@ -96,7 +96,6 @@ class PoolStats:
         "cancelled",
         "create",
         "invalidations",
-        "maximum",
         "peak_used",
         "pending",
         "timeouts",
@@ -113,7 +112,6 @@ class PoolStats:
         # (soft: "true"/"false", reason: "error", "explicit" or "pre_ping") -> count
         self.invalidations: dict[tuple[str, str], int] = {}
         self.pending = 0
-        self.maximum: int | None = None
         self.waited = 0  # checkouts that found no idle connection and had to wait
         self.cancelled = 0  # waits the caller gave up (a cancelled task) before a connection came
         self.peak_used = 0  # most connections in use at once since the last scrape
@@ -122,7 +120,7 @@ class PoolStats:
         copied = PoolStats()
         copied.wait, copied.use = self.wait.copy(), self.use.copy()
         copied.create = self.create.copy()
-        copied.timeouts, copied.pending, copied.maximum = self.timeouts, self.pending, self.maximum
+        copied.timeouts, copied.pending = self.timeouts, self.pending
         copied.invalidations = self.invalidations.copy()
         copied.waited, copied.cancelled, copied.peak_used = (
             self.waited,

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import total
+from conftest import sample, total
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, event, exc, text
@@ -564,3 +564,31 @@ def test_the_apps_session_info_is_left_as_it_was(
     copy.close()
     session.close()
     assert total(registry, "sqlalchemy_sessions_closed_total") == 2
+
+
+def test_a_failure_in_the_flush_hook_is_counted_and_the_flush_goes_on(
+    make_engine: Callable[..., Engine],
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy import Column, Integer, MetaData, Table, insert
+
+    engine = make_engine(sqlite_url)
+    table = Table("flushed", MetaData(), Column("id", Integer, primary_key=True))
+    table.create(engine)
+    monitor = make_monitor(engine, registry=registry)
+
+    def broken(session: Session) -> None:
+        raise RuntimeError("a bug of the monitor's")
+
+    with Session(engine) as session:
+        session.execute(insert(table))
+        monkeypatch.setattr(monitor._sessions, "tracked", broken)  # our own code, failing
+        session._flush()  # what flush() calls when there is something to write
+        monkeypatch.undo()
+        session.commit()
+    assert sample(
+        registry, "session_monitor_internal_errors_total", listener="session_flushed"
+    ) == 1

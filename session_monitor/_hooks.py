@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
+from time import perf_counter
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -49,8 +49,9 @@ class Subscriber(NamedTuple):
     stack_depth: int  # application frames to keep where a Core connection opens; 0 = one line
     # engine -> a token for acquire_finished, or None when the monitor does not watch it.
     acquire_started: Callable[[Engine], Any]
-    # (token, perf_counter() when it began, the exception the checkout raised or None)
-    acquire_finished: Callable[[Any, float, BaseException | None], None]
+    # (token, the acquisition, the pool's connection proxy it returned or None, the exception
+    # the checkout raised or None)
+    acquire_finished: Callable[[Any, Acquisition, Any, BaseException | None], None]
     session_acquiring: Callable[[Session, Any, FrameType | None], None]
     session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
     session_flushed: Callable[[Session], None]
@@ -63,7 +64,7 @@ class Subscriber(NamedTuple):
 
 
 class Acquisition(NamedTuple):
-    """The innermost raw_connection() of this context, as the checkout listeners read it."""
+    """One raw_connection() call: when it began and, for the app's own Core connection, where."""
 
     started: float  # perf_counter() when it began waiting
     core: bool  # made by Connection() outside an ORM session: the app's own Core connection
@@ -75,11 +76,9 @@ class Acquisition(NamedTuple):
 acquiring_session: ContextVar[weakref.ref[Session] | None] = ContextVar(
     "session_monitor_acquiring", default=None
 )
-acquisition: ContextVar[Acquisition | None] = ContextVar(
-    "session_monitor_acquisition", default=None
-)
 
 _CONNECTION_INIT = Connection.__init__.__code__
+_new_tuple = tuple.__new__
 
 _subscribers: tuple[Subscriber, ...] = ()
 _lock = threading.Lock()
@@ -117,34 +116,44 @@ def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
     # connection, which is no session.
     subscribers = _subscribers
-    if len(subscribers) == 1:
-        token = subscribers[0].acquire_started(self)
-        watched = [] if token is None else [(subscribers[0], token)]
+    if len(subscribers) == 1:  # the common case, without building a list
+        subscriber = subscribers[0]
+        token = subscriber.acquire_started(self)
+        if token is None:
+            return _orig_raw_connection(self, *args, **kw)
+        watched: tuple[tuple[Subscriber, Any], ...] = ((subscriber, token),)
+        depth = subscriber.stack_depth
     else:
-        watched = [(s, t) for s in subscribers if (t := s.acquire_started(self)) is not None]
-    if not watched:
-        return _orig_raw_connection(self, *args, **kw)
+        watched = tuple((s, t) for s in subscribers if (t := s.acquire_started(self)) is not None)
+        if not watched:
+            return _orig_raw_connection(self, *args, **kw)
+        depth = max(subscriber.stack_depth for subscriber, _ in watched)
     # f_back, not _getframe(1): the wrapper may be a greenlet's first frame (AsyncEngine's
     # raw_connection() runs it through greenlet_spawn), where there is no caller.
-    current = _acquisition(sys._getframe().f_back, watched)
-    context_token = acquisition.set(current)
+    current = _acquisition(sys._getframe().f_back, depth)
+    fairy: Any = None
     failure: BaseException | None = None
     try:
-        return _orig_raw_connection(self, *args, **kw)
+        fairy = _orig_raw_connection(self, *args, **kw)
+        return fairy
     except BaseException as error:
         failure = error
         raise
     finally:
-        acquisition.reset(context_token)
+        # The checkout is counted here, with the pool's proxy in hand, rather than in the
+        # pool's checkout event: a checkout listener puts every checkout on the pool's slower
+        # path, and the wait, the session and where a Core connection opened are all known
+        # here without a ContextVar. Pool.connect() called directly, past the engine, is
+        # counted only when it is checked in.
         for subscriber, token in watched:
-            subscriber.acquire_finished(token, current.started, failure)
-        failure = None  # no reference cycle through the traceback
+            subscriber.acquire_finished(token, current, fairy, failure)
+        fairy = failure = None  # no reference cycle through the traceback
 
 
-def _acquisition(
-    caller: FrameType | None, watched: list[tuple[Subscriber, Any]]
-) -> Acquisition:
-    started = time.perf_counter()
+def _acquisition(caller: FrameType | None, depth: int) -> Acquisition:
+    # tuple.__new__ rather than Acquisition(...): a NamedTuple's own __new__ is a Python
+    # function, and this runs on every checkout.
+    started = perf_counter()
     if (
         caller is None
         or caller.f_code is not _CONNECTION_INIT
@@ -152,16 +161,15 @@ def _acquisition(
         # Without the session hooks an ORM session's connection would look like the app's own.
         or (SessionTransaction, "_connection_for_bind") not in _originals
     ):
-        return Acquisition(started, False, None, ())
+        return _new_tuple(Acquisition, (started, False, None, ()))
     try:
         # The application frame is above the Connection being opened, not in the pool.
-        depth = max(subscriber.stack_depth for subscriber, _ in watched)
         if depth:
             stack = application_stack(caller.f_back, depth)
-            return Acquisition(started, True, stack[0] if stack else None, stack)
-        return Acquisition(started, True, application_location(caller.f_back), ())
+            return _new_tuple(Acquisition, (started, True, stack[0] if stack else None, stack))
+        return _new_tuple(Acquisition, (started, True, application_location(caller.f_back), ()))
     except Exception:
-        return Acquisition(started, True, None, ())
+        return _new_tuple(Acquisition, (started, True, None, ()))
 
 
 def _connection_for_bind(
@@ -233,7 +241,9 @@ def _rollback_impl(self: Connection) -> None:
 
 def _transaction_close(self: Transaction) -> None:
     subscribers = _subscribers
-    if not subscribers or not isinstance(self, RootTransaction):
+    # Only an active root transaction's close() rolls back (RootTransaction._close_impl); after
+    # a commit, the Session's usual path, there is nothing to tell.
+    if not subscribers or not isinstance(self, RootTransaction) or not self.is_active:
         _orig_transaction_close(self)
         return
     connection = self.connection

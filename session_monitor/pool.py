@@ -16,14 +16,17 @@ import threading
 import time
 import weakref
 from asyncio import CancelledError
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from functools import partial
+from time import perf_counter
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.util.concurrency import in_greenlet
 
-from ._hooks import acquiring_session, acquisition
+from ._hooks import Acquisition, acquiring_session
 from ._listeners import Guard
 from .context import RequestScope, current_request
 from .holders import ExhaustionReporter
@@ -194,8 +197,9 @@ class PoolTracker:
         listen = event.listen
         listen(engine, "do_connect", bind("do_connect", self._do_connect_evt))
         listen(engine, "connect", bind("connect", self._connect_evt))
-        listen(engine, "checkout", bind("checkout", self._checkout_evt))
-        listen(engine, "checkin", bind("checkin", self._checkin_evt))
+        # Checkouts are counted by the raw_connection hook (`acquire_finished`). The checkin,
+        # on every use of a connection, guards itself: no frame between.
+        listen(engine, "checkin", partial(self._checkin_evt, entry))
         listen(engine, "close", bind("close", self._close_evt))
         listen(engine, "detach", bind("detach", self._detach_evt))
         listen(engine, "invalidate", bind("invalidate", self._invalidate_evt))
@@ -213,10 +217,12 @@ class PoolTracker:
             # FastAPI's canonical order (yield dependencies close after background tasks).
             if request is not None and request.sessions and not request.responded:
                 self._check_nested(request, entry.state)
-            pending = entry.will_wait()
+            state = entry.state
+            # An idle connection to take: no wait, answered without asking the pool.
+            pending = not state.idle and entry.will_wait()
             if pending:
-                self._pending(entry.state, +1)
-            return entry.state, pending
+                self._pending(state, +1)
+            return state, pending
         except Exception:
             self._guard.failed("raw_connection")
             return None
@@ -241,17 +247,25 @@ class PoolTracker:
                     return
 
     def acquire_finished(
-        self, token: tuple[PoolState, bool], started: float, failure: BaseException | None
+        self,
+        token: tuple[PoolState, bool],
+        current: Acquisition,
+        proxy: Any,
+        failure: BaseException | None,
     ) -> None:
-        state, pending = token
-        if pending:
-            self._pending(state, -1)
-        if failure is None:
-            return
-        if isinstance(failure, exc.TimeoutError):
-            self._timed_out(state, time.perf_counter() - started)
-        elif pending and isinstance(failure, CancelledError):
-            self._wait_cancelled(state, time.perf_counter() - started)
+        try:
+            state, pending = token
+            if pending:
+                self._pending(state, -1)
+            if proxy is not None:
+                if self.following:
+                    self._checked_out(state, id(proxy._connection_record), proxy, current)
+            elif isinstance(failure, exc.TimeoutError):
+                self._timed_out(state, perf_counter() - current.started)
+            elif pending and isinstance(failure, CancelledError):
+                self._wait_cancelled(state, perf_counter() - current.started)
+        except Exception:
+            self._guard.failed("checkout")
 
     def _pending(self, state: PoolState, delta: int) -> None:
         try:
@@ -325,34 +339,31 @@ class PoolTracker:
             if self._emit is not None:
                 self._emit.connection_created(state.name, seconds)
 
-    def _checkout_evt(
-        self, entry: EnginePool, dbapi_connection: Any, record: Any, proxy: Any
-    ) -> None:
-        now = time.perf_counter()
-        state = entry.state
-        current = acquisition.get()
-        wait = 0.0 if current is None else now - current.started  # 0: Pool.connect() directly
+    def _checked_out(self, state: PoolState, key: int, proxy: Any, current: Acquisition) -> None:
+        now = perf_counter()
+        wait = now - current.started
         request = current_request.get()
         ref = acquiring_session.get()
+        sessions = self._sessions
         if ref is not None:
             orm_session = ref()
-            owner = None if orm_session is None else self._sessions.tracked(orm_session)
-        elif current is not None and current.core:
+            owner = None if orm_session is None else sessions.tracked(orm_session)
+        elif current.core:
             # Checked out by the app through Core: the connection is the session.
             stack = current.stack[: self._stack_depth] if self._stack_depth else ()
-            owner = self._sessions.open("connection", state, current.location, stack, request)
+            owner = sessions.open("connection", state, current.location, stack, request)
         else:
             owner = None
-        key = id(record)
         checkout = TrackedCheckout(state.name, key, owner, request, now)
         if owner is not None:
-            self._sessions.attach(checkout, proxy)
+            sessions.attach(checkout, proxy)
             # A sync session on the event loop's thread: the task is known only there.
-            checkout.blocking = checkout.task_ref is not None and not in_greenlet()
-        histogram = state.stats.wait
-        bucket = histogram.bucket(wait)
-        idle = state.idle
+            if checkout.task_ref is not None:
+                checkout.blocking = not in_greenlet()
         stats = state.stats
+        histogram = stats.wait
+        bucket = bisect_left(histogram.bounds, wait)  # Histogram.bucket, without the call
+        idle = state.idle
         with state.lock:
             checked_out = state.checked_out
             checked_out[key] = checkout
@@ -368,8 +379,15 @@ class PoolTracker:
             self._emit.connection_checked_out(checkout.view(), wait)
 
     def _checkin_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
-        # Without a DBAPI connection (invalidated) nothing goes back to the idle connections.
-        self._taken_back(entry.state, id(record), entry if dbapi_connection is not None else None)
+        if not self.following:
+            return
+        try:
+            # Without a DBAPI connection (invalidated) nothing goes back to the idle ones.
+            self._taken_back(
+                entry.state, id(record), entry if dbapi_connection is not None else None
+            )
+        except Exception:
+            self._guard.failed("checkin")
 
     def _detach_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
         self._taken_back(entry.state, id(record), None)
@@ -377,12 +395,12 @@ class PoolTracker:
     def _taken_back(self, state: PoolState, key: int, idle: EnginePool | None) -> None:
         """The pool has a connection back (checkin; `idle` is its engine's entry) or lets it
         go (detach, invalidation): count its use."""
-        now = time.perf_counter()
+        now = perf_counter()
         checked_out, idle_connections = state.checked_out, state.idle
         checkout = checked_out.get(key)
         held = 0.0 if checkout is None else now - checkout.checked_out_at
         histogram = state.stats.use
-        bucket = histogram.bucket(held)
+        bucket = bisect_left(histogram.bounds, held)
         with state.lock:
             if key in checked_out:
                 del checked_out[key]

@@ -9,10 +9,10 @@ proxy are held through weak references only, so keeping a record never keeps the
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import weakref
 from asyncio import _get_running_loop, current_task
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from .stacks import Location
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 SessionKind = Literal["session", "connection"]
 
 _session_ids = itertools.count(1)
+_new_tuple = tuple.__new__
 
 
 def next_session_id() -> int:
@@ -59,19 +60,16 @@ class CheckoutView(NamedTuple):
 class TrackedSession:
     """One unit of database work: an ORM Session, or a Core Connection the app checked out."""
 
-    __slots__ = (
-        "checkouts",
-        "closed",
-        "flushed_uncommitted",
-        "leak_reason",
-        "request",
-        "session_key",
-        "session_ref",
-        "shared_in",
-        "stats",
-        "transaction_count",
-        "view",
-    )
+    # Class-level defaults rather than __slots__, as in TrackedCheckout: set when they change.
+    closed = False
+    leak_reason: str | None = None
+    transaction_count = 0
+    # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
+    session_ref: weakref.ref[Any] | None = None
+    session_key = 0  # id() of its ORM Session, while it is open
+    shared_in: RequestScope | None = None  # the other request it was last used in
+    # Flushed since its last commit or rollback: what close() without commit() throws away.
+    flushed_uncommitted = False
 
     def __init__(
         self,
@@ -85,37 +83,27 @@ class TrackedSession:
         stack: tuple[Location, ...],
         stats: SessionStats,
     ) -> None:
-        self.view = SessionView(
-            next(_session_ids),
-            kind,
-            pool_name,
-            db_system,
-            route,
-            method,
-            location,
-            stack,
-            time.perf_counter(),
+        self.kind = kind
+        self.opened_at = opened_at = time.perf_counter()
+        # tuple.__new__ rather than SessionView(...): a NamedTuple's own __new__ is a Python
+        # function, and this runs for every session.
+        self.view = _new_tuple(
+            SessionView,
+            (
+                next(_session_ids),
+                kind,
+                pool_name,
+                db_system,
+                route,
+                method,
+                location,
+                stack,
+                opened_at,
+            ),
         )
         self.request = request
-        self.closed = False
-        self.leak_reason: str | None = None
         self.checkouts: list[TrackedCheckout] = []
-        self.transaction_count = 0
         self.stats = stats  # the counters of its (route, method)
-        # The weak reference to its ORM Session, whose callback reports it dropped unclosed.
-        self.session_ref: weakref.ref[Any] | None = None
-        self.session_key = 0  # id() of its ORM Session, while it is open
-        self.shared_in: RequestScope | None = None  # the other request it was last used in
-        # Flushed since its last commit or rollback: what close() without commit() throws away.
-        self.flushed_uncommitted = False
-
-    @property
-    def kind(self) -> SessionKind:
-        return self.view.kind
-
-    @property
-    def opened_at(self) -> float:
-        return self.view.opened_at
 
     def holds_connection_from(self, request: RequestScope) -> bool:
         return any(checkout.request is request for checkout in self.checkouts)
@@ -128,26 +116,23 @@ class TrackedCheckout:
     (`engine.raw_connection()`), which only the pool metrics count.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "age_reported",
-        "away_since",
-        "blocking",
-        "checked_out_at",
-        "connection_key",
-        "fairy_ref",
-        "idle_reported",
-        "owner",
-        "pool_name",
-        "proxy_key",
-        "record_key",
-        "request",
-        "returned",
-        "task_ref",
-        "thread_id",
-        "transaction_closing",
-        "transaction_started_at",
-    )
+    # Class-level defaults, no __slots__: a checkout is made on every connection's use, and
+    # what only the rare paths set (a leak, an idle transaction, a collected proxy) costs
+    # nothing until they do.
+    age_reported = False
+    returned = False
+    fairy_ref: weakref.ref[Any] | None = None
+    # A transaction belongs to a connection: when it began, and whether the rollback that may
+    # come next is Transaction.close()'s (outcome "close") rather than the app's.
+    transaction_started_at: float | None = None
+    transaction_closing = False
+    connection_key: int | None = None  # id() of the Connection that began it
+    proxy_key: int | None = None  # id() of the pool's connection proxy
+    task_ref: weakref.ref[Any] | None = None  # the holder's asyncio task, weakly
+    # The idle-in-transaction sampler's notes: since when the holder was seen elsewhere.
+    away_since: float | None = None
+    idle_reported: float | None = None  # the start of the transaction reported idle
+    blocking = False  # a sync session's, made on the event loop's thread (pitfalls.py)
 
     def __init__(
         self,
@@ -162,24 +147,13 @@ class TrackedCheckout:
         self.owner = owner
         self.request = request
         self.checked_out_at = checked_out_at
-        self.age_reported = False
-        self.returned = False
-        self.fairy_ref: weakref.ref[Any] | None = None
-        # A transaction belongs to a connection: when it began, and whether the rollback that
-        # may come next is Transaction.close()'s (outcome "close") rather than the app's.
-        self.transaction_started_at: float | None = None
-        self.transaction_closing = False
-        self.connection_key: int | None = None  # id() of the Connection that began it
-        self.proxy_key: int | None = None  # id() of the pool's connection proxy
-        # The holder, for `holders.py`: all that is learnt on the hot path. The task weakly.
-        self.thread_id = threading.get_ident()
+        # The holder, for `holders.py`: all that is learnt on the hot path.
+        self.thread_id = get_ident()
         loop = _get_running_loop()
-        task = None if loop is None else current_task(loop)
-        self.task_ref: weakref.ref[Any] | None = None if task is None else weakref.ref(task)
-        # The idle-in-transaction sampler's notes: since when the holder was seen elsewhere.
-        self.away_since: float | None = None
-        self.idle_reported: float | None = None  # the start of the transaction reported idle
-        self.blocking = False  # a sync session's, made on the event loop's thread (pitfalls.py)
+        if loop is not None:
+            task = current_task(loop)
+            if task is not None:
+                self.task_ref = weakref.ref(task)
 
     def view(self) -> CheckoutView:
         owner = self.owner

@@ -17,7 +17,9 @@ import sys
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable
+from time import perf_counter
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +50,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("session_monitor")
 
+_NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
+
 
 class SessionTracker:
     def __init__(self, config: MonitorConfig, observers: Fanout | None, guard: Guard) -> None:
         self._config = config
+        self._stack_depth = config.stack_depth if config.capture_stacks else 0
         self._emit = observers  # None when the metrics are all there is: no call at all
         self._guard = guard
         # Open ORM sessions by id() of their weak reference (`TrackedSession.session_ref`);
@@ -94,8 +99,8 @@ class SessionTracker:
         stack: tuple[Location, ...],
         request: RequestScope | None,
     ) -> TrackedSession:
-        key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
-        stats = self._stats_for(key)
+        key = _NO_REQUEST_KEY if request is None else (request.route, request.method)
+        stats = self._stats.get(key) or self._stats_for(key)
         with self.lock:
             stats.opened += 1
         session = TrackedSession(
@@ -115,9 +120,7 @@ class SessionTracker:
                 stats = self._stats.setdefault(key, new)
         return stats
 
-    def session_acquiring(
-        self, orm_session: Session, bind: Any, frame: FrameType | None
-    ) -> None:
+    def session_acquiring(self, orm_session: Session, bind: Any, frame: FrameType | None) -> None:
         """Called by the hook when a session's root transaction asks for a connection."""
         try:
             tracked = self.tracked(orm_session)
@@ -143,17 +146,17 @@ class SessionTracker:
             entry = self.entry_for(engine)
             if entry is None:
                 return
-            if self._config.capture_stacks:
-                stack = application_stack(frame, self._config.stack_depth)
+            if self._stack_depth:
+                stack = application_stack(frame, self._stack_depth)
                 location = stack[0] if stack else None
             else:
                 stack, location = (), application_location(frame)
             tracked = self.open("session", entry.state, location, stack, current_request.get())
             # The record keeps its reference alive, so the id() stays unique while it is listed.
-            tracked.session_ref = weakref.ref(orm_session, self._collected_callback)
-            self._live[id(tracked.session_ref)] = tracked
-            tracked.session_key = id(orm_session)
-            self._by_session[tracked.session_key] = tracked
+            tracked.session_ref = ref = weakref.ref(orm_session, self._collected_callback)
+            self._live[id(ref)] = tracked
+            tracked.session_key = key = id(orm_session)
+            self._by_session[key] = tracked
         except Exception:
             self._guard.failed("session_open")
 
@@ -270,10 +273,10 @@ class SessionTracker:
             self._guard.failed("session_collected")
 
     def close(self, tracked: TrackedSession, *, collected: bool = False) -> None:
-        duration = time.perf_counter() - tracked.opened_at
+        duration = perf_counter() - tracked.opened_at
         stats = tracked.stats
         histogram = stats.duration
-        bucket = histogram.bucket(duration)
+        bucket = bisect_left(histogram.bounds, duration)  # Histogram.bucket, without the call
         with self.lock:
             if tracked.closed:
                 return
@@ -281,8 +284,9 @@ class SessionTracker:
             stats.closed += 1
             histogram.counts[bucket] += 1
             histogram.sum += duration
-        if tracked.session_ref is not None:
-            self._live.pop(id(tracked.session_ref), None)
+        ref = tracked.session_ref
+        if ref is not None:
+            self._live.pop(id(ref), None)
             if self._by_session.get(tracked.session_key) is tracked:
                 del self._by_session[tracked.session_key]
             # Dropping the reference drops its callback: a closed session dies unobserved.
@@ -338,18 +342,19 @@ class SessionTracker:
         if owner is None:
             return
         # Only this checkout's own entries: a collected proxy's id() may already be reused.
-        for index, key in (
-            (self._by_connection, checkout.connection_key),
-            (self._by_proxy, checkout.proxy_key),
-        ):
-            if key is not None and index.get(key) is checkout:
-                del index[key]
+        key = checkout.connection_key
+        if key is not None and self._by_connection.get(key) is checkout:
+            del self._by_connection[key]
+        key = checkout.proxy_key
+        if key is not None and self._by_proxy.get(key) is checkout:
+            del self._by_proxy[key]
         if checkout in owner.checkouts:
             owner.checkouts.remove(checkout)
         if checkout.age_reported:
             self.leaks.came_back(checkout, held)
         if owner.kind == "connection":
-            self.close(owner, collected=checkout.collected)
+            fairy_ref = checkout.fairy_ref
+            self.close(owner, collected=fairy_ref is not None and fairy_ref() is None)
 
     def session_for(self, connection: Connection) -> SessionView | None:
         """The session a Connection belongs to, if this monitor tracks it (for statement spans)."""
@@ -367,8 +372,8 @@ class SessionTracker:
             checkout = None if proxy is None else self._by_proxy.get(id(proxy))
             if checkout is not None:
                 self.begin_transaction(checkout)
-                checkout.connection_key = id(connection)
-                self._by_connection[id(connection)] = checkout
+                checkout.connection_key = key = id(connection)
+                self._by_connection[key] = checkout
         except Exception:
             self._guard.failed("transaction_begin")
 
@@ -406,28 +411,29 @@ class SessionTracker:
     def begin_transaction(self, checkout: TrackedCheckout) -> None:
         if checkout.transaction_started_at is not None:
             self.end_transaction(checkout, "close")
-        checkout.transaction_started_at = time.perf_counter()
+        checkout.transaction_started_at = perf_counter()
         checkout.transaction_closing = False
-        if checkout.owner is not None:
-            checkout.owner.transaction_count += 1
+        owner = checkout.owner
+        if owner is not None:
+            owner.transaction_count += 1
 
     def end_transaction(self, checkout: TrackedCheckout, outcome: str) -> None:
         started = checkout.transaction_started_at
         if started is None:
             return
+        duration = perf_counter() - started
         checkout.transaction_started_at = None
         checkout.transaction_closing = False
         owner = checkout.owner
         if owner is None:
             return
-        duration = time.perf_counter() - started
         by_outcome = owner.stats.transactions
         histogram = by_outcome.get(outcome)
         if histogram is None:
             new = Histogram(HOLD_BUCKETS)
             with self.lock:
                 histogram = by_outcome.setdefault(outcome, new)
-        bucket = histogram.bucket(duration)
+        bucket = bisect_left(histogram.bounds, duration)  # Histogram.bucket, without the call
         with self.lock:
             histogram.counts[bucket] += 1
             histogram.sum += duration

@@ -78,9 +78,12 @@ def application_location(frame: FrameType | None) -> Location | None:
     known = _is_library.get
     while frame is not None:
         code = frame.f_code
-        library = known(code.co_filename)
-        if not (_library_file(code.co_filename) if library is None else library):
-            return (code.co_filename, frame.f_lineno, code.co_name)
+        filename = code.co_filename
+        library = known(filename)
+        if library is None:
+            library = _library_file(filename)
+        if not library:
+            return (filename, frame.f_lineno, code.co_name)
         frame = frame.f_back
         if frame is None and not crossed:
             crossed, frame = True, _outer_frame()

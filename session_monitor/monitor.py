@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
+from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from . import _hooks
@@ -28,6 +28,7 @@ from .idle import IdleInTransactionSampler
 from .leaks import AgeWatcher
 from .metrics import PrometheusCollector
 from .middleware import SessionMonitorMiddleware
+from .multiprocess import metrics_app
 from .observer import Fanout, Observer
 from .pitfalls import Pitfall
 from .pool import PoolTracker
@@ -177,7 +178,11 @@ class SessionMonitor:
                 self._sessions.snapshot, self._pools.snapshot, self._error_counts
             )
             self._collectors = [self.metrics]
-        self.metrics_app = self._build_metrics_app(registry)
+        self.metrics_app = (
+            None
+            if self.config.metrics_path is None or registry is None
+            else metrics_app(registry, self._guard.failed)
+        )
         self.diagnostics_app = (
             None
             if diagnostics_path is None
@@ -191,32 +196,6 @@ class SessionMonitor:
         self.instrument()
 
     # -- wiring -------------------------------------------------------------------------------
-
-    def _build_metrics_app(self, registry: CollectorRegistry | None) -> Any:
-        if self.config.metrics_path is None or registry is None:
-            return None
-        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not directory:
-            return make_asgi_app(registry)
-        # Each worker writes its values to files; a scrape must read all workers' files, after
-        # the dead workers' live gauges are dropped.
-        from prometheus_client import multiprocess
-
-        from .multiprocess import forget_dead_workers
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        scrape = make_asgi_app(registry)
-        failed = self._guard.failed
-
-        async def metrics_app(scope: Any, receive: Any, send: Any) -> None:
-            try:
-                forget_dead_workers(directory)
-            except Exception:
-                failed("forget_dead_workers")
-            await scrape(scope, receive, send)
-
-        return metrics_app
 
     def _register(self) -> None:
         """Register every collector, or none: a name taken already leaves the registry as it was."""

@@ -4,17 +4,18 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn, ``uvicorn --workers N``) each w
 its values to prometheus_client's files for a scrape to add them up, which only its own metric
 objects do. This observer receives the monitor's events and updates them; gauges use the
 `livesum` mode so per-worker values add up. Built from the same table as the scrape-time
-collector (`metrics.ALL_METRICS`), and tested to print the same series.
+collector (`metric_table.ALL_METRICS`), and tested to print the same series.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 
-from .metrics import (
+from .metric_table import (
     ALL_METRICS,
     CANCELLED_WAITS,
     CONNECTION_COUNT,
@@ -201,3 +202,26 @@ def _alive(pid: int) -> bool:
         return True
     return True
 
+
+def metrics_app(registry: CollectorRegistry, failed: Callable[[str], None]) -> Any:
+    """The ASGI app serving /metrics: the registry's, or under ``PROMETHEUS_MULTIPROC_DIR`` the
+    sum of every worker's files."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return make_asgi_app(registry)
+    # Each worker writes its values to files; a scrape must read all workers' files, after
+    # the dead workers' live gauges are dropped.
+    from prometheus_client import multiprocess
+
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+    scrape = make_asgi_app(combined)
+
+    async def serve(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            forget_dead_workers(directory)
+        except Exception:
+            failed("forget_dead_workers")
+        await scrape(scope, receive, send)
+
+    return serve

@@ -11,9 +11,7 @@ Engines, views and their shared state are in `pool_state.py`.
 
 from __future__ import annotations
 
-import sys
 import threading
-import time
 import weakref
 from asyncio import CancelledError
 from bisect import bisect_left
@@ -28,19 +26,18 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from ._hooks import Acquisition, acquiring_session
 from ._listeners import Guard
-from .context import RequestScope, current_request
+from .context import current_request
 from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
+from .pool_connections import ConnectionLifecycle
 from .pool_state import EnginePool, PoolSnapshot, PoolState, root_engine
+from .pool_waits import Waiting
 from .records import TrackedCheckout
 from .sessions import SessionTracker
-from .stacks import application_location, format_location
-
-_CONNECT_STARTED = "session_monitor.connect_started"
 
 
-class PoolTracker:
+class PoolTracker(ConnectionLifecycle, Waiting):
     def __init__(
         self,
         sessions: SessionTracker,
@@ -159,12 +156,6 @@ class PoolTracker:
                 state.stats.peak_used = used
         return pools
 
-    def usage(self, state: PoolState) -> tuple[int, int, int, int | None]:
-        """(used, idle, pending, maximum) of a pool now, without touching the scrape's peak."""
-        maximum = state.maximum()
-        with state.lock:
-            return len(state.checked_out), len(state.idle), state.stats.pending, maximum
-
     def states(self) -> list[PoolState]:
         return list(self._states.values())
 
@@ -227,25 +218,6 @@ class PoolTracker:
             self._guard.failed("raw_connection")
             return None
 
-    def _check_nested(self, request: RequestScope, state: PoolState) -> None:
-        """A request asking a pool for a connection while one of its sessions holds another."""
-        ref = acquiring_session.get()
-        orm_session = None if ref is None else ref()
-        acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
-        for session in request.sessions:
-            if session is acquiring or session.closed:
-                continue
-            for held in session.checkouts:
-                if not held.returned and held.pool_name == state.name:
-                    self._sessions.pitfalls.found(
-                        "nested_checkout",
-                        session,
-                        application_location(sys._getframe(1)),
-                        f"while the request's {session.kind} opened at "
-                        f"{format_location(session.view.location)} holds one",
-                    )
-                    return
-
     def acquire_finished(
         self,
         token: tuple[PoolState, bool],
@@ -267,77 +239,11 @@ class PoolTracker:
         except Exception:
             self._guard.failed("checkout")
 
-    def _pending(self, state: PoolState, delta: int) -> None:
-        try:
-            with state.lock:
-                state.stats.pending += delta
-                if delta > 0:
-                    state.stats.waited += 1
-            if self._emit is not None:
-                self._emit.pool_pending(state.name, delta)
-                if delta > 0:
-                    self._emit.checkout_waited(state.name)
-        except Exception:
-            self._guard.failed("pool_pending")
-
-    def _timed_out(self, state: PoolState, waited: float) -> None:
-        try:
-            with state.lock:
-                state.stats.timeouts += 1
-            holders = self._report_exhaustion(state, "timeout", waited)
-            if self._emit is not None:
-                ref = acquiring_session.get()
-                orm_session = None if ref is None else ref()
-                tracked = None if orm_session is None else self._sessions.tracked(orm_session)
-                view = None if tracked is None else tracked.view
-                self._emit.checkout_timed_out(state.name, waited, view, holders)
-        except Exception:
-            self._guard.failed("timeout")
-
-    def _wait_cancelled(self, state: PoolState, waited: float) -> None:
-        try:
-            with state.lock:
-                state.stats.cancelled += 1
-            self._report_exhaustion(state, "cancelled", waited)
-            if self._emit is not None:
-                self._emit.wait_cancelled(state.name, waited)
-        except Exception:
-            self._guard.failed("wait_cancelled")
-
-    def _report_exhaustion(self, state: PoolState, kind: str, waited: float) -> tuple[str, ...]:
-        with state.lock:
-            held = list(state.checked_out.values())
-        return self.exhaustion.report(state.name, kind, waited, self.usage(state), held)
-
     # -- pool events -------------------------------------------------------------------------
-
-    def _publish_usage(self, state: PoolState) -> None:
-        # Called under state.lock, so concurrent updates reach observers' gauges in order.
-        assert self._emit is not None
-        self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
 
     def _publish_capacity(self, state: PoolState) -> None:
         assert self._emit is not None
         self._emit.pool_capacity(state.name, state.maximum())
-
-    def _do_connect_evt(
-        self, entry: EnginePool, dialect: Any, record: Any, cargs: Any, cparams: Any
-    ) -> None:
-        if record is not None:
-            record.info[_CONNECT_STARTED] = time.perf_counter()
-
-    def _connect_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
-        started = record.info.pop(_CONNECT_STARTED, None)
-        if started is not None:
-            seconds = time.perf_counter() - started
-            state = entry.state
-            histogram = state.stats.create
-            bucket = histogram.bucket(seconds)
-            with state.lock:
-                histogram.counts[bucket] += 1
-                histogram.sum += seconds
-            if self._emit is not None:
-                self._emit.connection_created(state.name, seconds)
 
     def _checked_out(self, state: PoolState, key: int, proxy: Any, current: Acquisition) -> None:
         now = perf_counter()
@@ -428,45 +334,3 @@ class PoolTracker:
             )
         if checkout.owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
-
-    def _close_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
-        key = id(record)
-        state = entry.state
-        with state.lock:
-            if key in state.idle:
-                del state.idle[key]
-            if self._emit is not None:
-                self._publish_usage(state)
-
-    def _invalidate_evt(
-        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
-    ) -> None:
-        self._invalidated(entry.state, record, exception, soft=False)
-
-    def _soft_invalidate_evt(
-        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
-    ) -> None:
-        self._invalidated(entry.state, record, exception, soft=True)
-
-    def _invalidated(self, state: PoolState, record: Any, exception: Any, *, soft: bool) -> None:
-        # What SQLAlchemy lets us tell apart: the app's own invalidate() passes no exception;
-        # a failed pre-ping (or a checkout listener's DisconnectionError) a DisconnectionError;
-        # a disconnect seen by a statement the driver's error. A recycle is no invalidation.
-        if exception is None:
-            reason = "explicit"
-        elif isinstance(exception, exc.DisconnectionError):
-            reason = "pre_ping"
-        else:
-            reason = "error"
-        checkout = state.checked_out.get(id(record))
-        if not soft and checkout is not None and checkout.transaction_started_at is not None:
-            # The connection and its transaction are gone: whatever the app does next, that
-            # transaction was rolled back.
-            self._sessions.end_transaction(checkout, "rollback")
-        key = ("true" if soft else "false", reason)
-        invalidations = state.stats.invalidations
-        with state.lock:
-            invalidations[key] = invalidations.get(key, 0) + 1
-        if self._emit is not None:
-            view = None if checkout is None else checkout.view()
-            self._emit.connection_invalidated(state.name, soft, view, reason)

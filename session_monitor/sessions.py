@@ -43,7 +43,8 @@ from .records import (
     next_session_id,
 )
 from .stacks import Location, application_location, application_stack
-from .stats import HOLD_BUCKETS, Histogram, SessionStats
+from .stats import SessionStats
+from .transactions import TransactionTracking
 
 if TYPE_CHECKING:
     from .pool_state import EnginePool, PoolState
@@ -53,7 +54,7 @@ logger = logging.getLogger("session_monitor")
 _NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
 
 
-class SessionTracker:
+class SessionTracker(TransactionTracking):
     def __init__(self, config: MonitorConfig, observers: Fanout | None, guard: Guard) -> None:
         self._config = config
         self._stack_depth = config.stack_depth if config.capture_stacks else 0
@@ -363,79 +364,3 @@ class SessionTracker:
         if checkout is None or checkout.returned or checkout.owner is None:
             return None
         return checkout.owner.view
-
-    # -- transactions: one per connection, from the Connection and Transaction hooks ---------
-
-    def transaction_began(self, connection: Connection) -> None:
-        try:
-            proxy = connection._dbapi_connection
-            checkout = None if proxy is None else self._by_proxy.get(id(proxy))
-            if checkout is not None:
-                self.begin_transaction(checkout)
-                checkout.connection_key = key = id(connection)
-                self._by_connection[key] = checkout
-        except Exception:
-            self._guard.failed("transaction_begin")
-
-    def transaction_committed(self, connection: Connection) -> None:
-        try:
-            checkout = self._by_connection.get(id(connection))
-            if checkout is not None and not checkout.returned:
-                if checkout.owner is not None:
-                    checkout.owner.flushed_uncommitted = False
-                self.end_transaction(checkout, "commit")
-        except Exception:
-            self._guard.failed("transaction_commit")
-
-    def transaction_rolling_back(self, connection: Connection) -> None:
-        try:
-            checkout = self._by_connection.get(id(connection))
-            if checkout is not None and not checkout.returned:
-                outcome = "close" if checkout.transaction_closing else "rollback"
-                if checkout.owner is not None and outcome == "rollback":
-                    checkout.owner.flushed_uncommitted = False  # asked for: discarded on purpose
-                self.end_transaction(checkout, outcome)
-        except Exception:
-            self._guard.failed("transaction_rollback")
-
-    def transaction_closing(self, connection: Connection, closing: bool) -> None:
-        """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
-        try:
-            checkout = self._by_connection.get(id(connection))
-            if checkout is not None and not checkout.returned:
-                open_transaction = checkout.transaction_started_at is not None
-                checkout.transaction_closing = closing and open_transaction
-        except Exception:
-            self._guard.failed("transaction_close")
-
-    def begin_transaction(self, checkout: TrackedCheckout) -> None:
-        if checkout.transaction_started_at is not None:
-            self.end_transaction(checkout, "close")
-        checkout.transaction_started_at = perf_counter()
-        checkout.transaction_closing = False
-        owner = checkout.owner
-        if owner is not None:
-            owner.transaction_count += 1
-
-    def end_transaction(self, checkout: TrackedCheckout, outcome: str) -> None:
-        started = checkout.transaction_started_at
-        if started is None:
-            return
-        duration = perf_counter() - started
-        checkout.transaction_started_at = None
-        checkout.transaction_closing = False
-        owner = checkout.owner
-        if owner is None:
-            return
-        by_outcome = owner.stats.transactions
-        histogram = by_outcome.get(outcome)
-        if histogram is None:
-            new = Histogram(HOLD_BUCKETS)
-            with self.lock:
-                histogram = by_outcome.setdefault(outcome, new)
-        bucket = bisect_left(histogram.bounds, duration)  # Histogram.bucket, without the call
-        with self.lock:
-            histogram.counts[bucket] += 1
-            histogram.sum += duration
-        if self._emit is not None:
-            self._emit.transaction_ended(owner.view, outcome, duration)

@@ -24,16 +24,14 @@ metric. This module is imported only when OpenTelemetry is switched on, and sets
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import __version__
-from . import metrics as table
+from .otel_instruments import Instruments
 from .otel_spans import (
     CODE_FILE_PATH,
     CODE_FUNCTION_NAME,
@@ -61,29 +59,16 @@ from .otel_spans import (
     SessionSpan,
     request_attributes,
 )
+from .otel_statements import StatementContext
 from .stacks import format_stack
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
-    from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
+    from sqlalchemy.engine import Connection
 
     from .records import CheckoutView, SessionView
     from .stacks import Location
-
-def _instrument(meter: metrics.Meter, spec: table.MetricSpec) -> Any:
-    """The OpenTelemetry instrument of one row of the metrics table."""
-    if spec.kind == "histogram":
-        return meter.create_histogram(
-            spec.otel_name,
-            spec.unit,
-            spec.documentation,
-            explicit_bucket_boundaries_advisory=spec.buckets,
-        )
-    if spec.kind == "gauge":  # the conventions make pool sizes UpDownCounters
-        return meter.create_up_down_counter(spec.otel_name, spec.unit, spec.documentation)
-    return meter.create_counter(spec.otel_name, spec.unit, spec.documentation)
-
 
 class OpenTelemetryObserver:
     """Turn the monitor's events into spans and metrics. Built by SessionMonitor, not by hand."""
@@ -95,28 +80,7 @@ class OpenTelemetryObserver:
     ) -> None:
         # None falls back to the global providers, resolved by the API when first used.
         self._tracer = trace.get_tracer(SCOPE, __version__, tracer_provider)
-        meter = metrics.get_meter(SCOPE, __version__, meter_provider)
-        made = {spec.name: _instrument(meter, spec) for spec in table.ALL_METRICS if spec.otel_name}
-        self.connection_count = made[table.CONNECTION_COUNT.name]
-        self.connection_max = made[table.CONNECTION_MAX.name]
-        self.pending_requests = made[table.PENDING_REQUESTS.name]
-        self.timeouts = made[table.TIMEOUTS.name]
-        self.wait_time = made[table.WAIT_TIME.name]
-        self.use_time = made[table.USE_TIME.name]
-        self.create_time = made[table.CREATE_TIME.name]
-        self.invalidations = made[table.INVALIDATIONS.name]
-        self.sessions_opened = made[table.SESSIONS_OPENED.name]
-        self.sessions_closed = made[table.SESSIONS_CLOSED.name]
-        self.sessions_active = made[table.SESSIONS_ACTIVE.name]
-        self.session_duration = made[table.SESSION_DURATION.name]
-        self.sessions_leaked = made[table.SESSIONS_LEAKED.name]
-        self.transactions = made[table.TRANSACTIONS.name]
-        self.transaction_duration = made[table.TRANSACTION_DURATION.name]
-        self.internal_errors = made[table.INTERNAL_ERRORS.name]
-        self.waited_checkouts = made[table.WAITED.name]
-        self.cancelled_waits = made[table.CANCELLED_WAITS.name]
-        self.idle_in_transaction = made[table.IDLE_IN_TRANSACTION.name]
-        self.pitfalls = made[table.PITFALLS.name]
+        self.instruments = Instruments(metrics.get_meter(SCOPE, __version__, meter_provider))
         self._session_attributes: dict[tuple[str, str], Attributes] = {}
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
@@ -128,10 +92,8 @@ class OpenTelemetryObserver:
         self._capacity: dict[str, int] = {}
         # The span of each open session, by SessionView.id.
         self._spans: dict[int, SessionSpan] = {}
-        # Where an execution keeps the token of the context attached for its statement.
-        self._token_attribute = f"_session_monitor_otel_{id(self):x}"
-        self._session_for: Callable[[Connection], SessionView | None] = lambda connection: None
-        self._failed: Callable[[str], None] = lambda listener: None
+        # While a statement of a session runs, the session's span is current.
+        self.statements = StatementContext(self._spans)
 
     def bind(
         self,
@@ -139,8 +101,8 @@ class OpenTelemetryObserver:
         failed: Callable[[str], None],
     ) -> None:
         """Given by the monitor: which session a Connection is in, and its guard."""
-        self._session_for = session_for
-        self._failed = failed
+        self.statements.session_for = session_for
+        self.statements.failed = failed
 
     # -- attribute sets, built once per key like the Prometheus children ----------------------
 
@@ -172,8 +134,8 @@ class OpenTelemetryObserver:
 
     def session_opened(self, session: SessionView) -> None:
         attributes = self._session(session)
-        self.sessions_opened.add(1, attributes)
-        self.sessions_active.add(1, attributes)
+        self.instruments.sessions_opened.add(1, attributes)
+        self.instruments.sessions_active.add(1, attributes)
         span_attributes: Attributes = {
             DB_SYSTEM_NAME: DB_SYSTEM_NAMES.get(session.db_system, session.db_system),
             POOL_NAME: session.pool_name,
@@ -196,15 +158,15 @@ class OpenTelemetryObserver:
 
     def session_closed(self, session: SessionView, duration: float) -> None:
         attributes = self._session(session)
-        self.sessions_closed.add(1, attributes)
-        self.sessions_active.add(-1, attributes)
-        self.session_duration.record(duration, attributes)
+        self.instruments.sessions_closed.add(1, attributes)
+        self.instruments.sessions_active.add(-1, attributes)
+        self.instruments.session_duration.record(duration, attributes)
         state = self._spans.pop(session.id, None)
         if state is not None:
             state.end()
 
     def session_leaked(self, session: SessionView, reason: str) -> None:
-        self.sessions_leaked.add(1, self._with(session, LEAK_REASON, reason))
+        self.instruments.sessions_leaked.add(1, self._with(session, LEAK_REASON, reason))
         state = self._span_of(session)
         if state is None:
             return
@@ -222,8 +184,8 @@ class OpenTelemetryObserver:
 
     def transaction_ended(self, session: SessionView, outcome: str, duration: float) -> None:
         attributes = self._with(session, TRANSACTION_OUTCOME, outcome)
-        self.transactions.add(1, attributes)
-        self.transaction_duration.record(duration, attributes)
+        self.instruments.transactions.add(1, attributes)
+        self.instruments.transaction_duration.record(duration, attributes)
         state = self._span_of(session)
         if state is not None:
             state.transaction_ended(outcome, duration)
@@ -231,16 +193,16 @@ class OpenTelemetryObserver:
     # -- connections ---------------------------------------------------------------------------
 
     def connection_created(self, pool_name: str, seconds: float) -> None:
-        self.create_time.record(seconds, self._pool(pool_name))
+        self.instruments.create_time.record(seconds, self._pool(pool_name))
 
     def connection_checked_out(self, checkout: CheckoutView, wait: float) -> None:
-        self.wait_time.record(wait, self._pool(checkout.pool_name))
+        self.instruments.wait_time.record(wait, self._pool(checkout.pool_name))
         state = self._span_of(checkout.session)
         if state is not None:
             state.checked_out(checkout, wait)
 
     def connection_checked_in(self, checkout: CheckoutView, use: float) -> None:
-        self.use_time.record(use, self._pool(checkout.pool_name))
+        self.instruments.use_time.record(use, self._pool(checkout.pool_name))
         state = self._span_of(checkout.session)
         if state is not None:
             state.checked_in(checkout, use)
@@ -248,19 +210,20 @@ class OpenTelemetryObserver:
     def connection_invalidated(
         self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
     ) -> None:
-        self.invalidations.add(1, {POOL_NAME: pool_name, SOFT: soft, INVALIDATION_REASON: reason})
+        attributes = {POOL_NAME: pool_name, SOFT: soft, INVALIDATION_REASON: reason}
+        self.instruments.invalidations.add(1, attributes)
         state = None if checkout is None else self._span_of(checkout.session)
         if state is not None:
             state.add_event("connection.invalidated", {SOFT: soft, INVALIDATION_REASON: reason})
 
     def checkout_waited(self, pool_name: str) -> None:
-        self.waited_checkouts.add(1, self._pool(pool_name))
+        self.instruments.waited_checkouts.add(1, self._pool(pool_name))
 
     def wait_cancelled(self, pool_name: str, waited: float) -> None:
-        self.cancelled_waits.add(1, self._pool(pool_name))
+        self.instruments.cancelled_waits.add(1, self._pool(pool_name))
 
     def session_pitfall(self, session: SessionView, kind: str, location: Location | None) -> None:
-        self.pitfalls.add(1, self._with(session, PITFALL_KIND, kind))
+        self.instruments.pitfalls.add(1, self._with(session, PITFALL_KIND, kind))
         state = self._span_of(session)
         if state is not None:
             attributes: Attributes = {PITFALL_KIND: kind}
@@ -275,7 +238,7 @@ class OpenTelemetryObserver:
             state.add_event("session.pitfall", attributes)
 
     def session_idle_in_transaction(self, session: SessionView, away: float) -> None:
-        self.idle_in_transaction.add(1, self._session(session))
+        self.instruments.idle_in_transaction.add(1, self._session(session))
         state = self._span_of(session)
         if state is not None:
             state.add_event("session.idle_in_transaction", {IDLE_FOR: away})
@@ -283,7 +246,7 @@ class OpenTelemetryObserver:
     def checkout_timed_out(
         self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
     ) -> None:
-        self.timeouts.add(1, self._pool(pool_name))
+        self.instruments.timeouts.add(1, self._pool(pool_name))
         attributes: Attributes = {POOL_NAME: pool_name, WAIT_TIME: waited}
         if holders:
             attributes[HOLDERS] = "\n".join(holders)
@@ -311,79 +274,25 @@ class OpenTelemetryObserver:
                 {**pool, CONNECTION_STATE: "used"},
             )
         if idle != last_idle:
-            self.connection_count.add(idle - last_idle, states[0])
+            self.instruments.connection_count.add(idle - last_idle, states[0])
         if used != last_used:
-            self.connection_count.add(used - last_used, states[1])
+            self.instruments.connection_count.add(used - last_used, states[1])
 
     def pool_pending(self, pool_name: str, delta: int) -> None:
-        self.pending_requests.add(delta, self._pool(pool_name))
+        self.instruments.pending_requests.add(delta, self._pool(pool_name))
 
     def pool_capacity(self, pool_name: str, maximum: int | None) -> None:
         last = self._capacity.get(pool_name, 0)
         self._capacity[pool_name] = maximum or 0
         if (maximum or 0) != last:
-            self.connection_max.add((maximum or 0) - last, self._pool(pool_name))
+            self.instruments.connection_max.add((maximum or 0) - last, self._pool(pool_name))
 
     def internal_error(self, listener: str) -> None:
-        self.internal_errors.add(1, {LISTENER: listener})
+        self.instruments.internal_errors.add(1, {LISTENER: listener})
 
     def close(self) -> None:
         pass  # the statement listeners stay, idle: no session is followed any more
 
-    # -- the session's span is current while its statements run --------------------------------
-
     def listen(self, engine: Engine) -> None:
-        """Called for each engine the monitor watches, as it starts watching it.
-
-        On the engine, not the Engine class: unwatched engines stay off SQLAlchemy's
-        per-statement dispatch path. insert=True puts these before the statement listeners of
-        opentelemetry-instrumentation-sqlalchemy, so its spans get the session's span as parent.
-        """
-        listen = event.listen
-        listen(engine, "before_cursor_execute", self._before_cursor_execute_evt, insert=True)
-        listen(engine, "after_cursor_execute", self._after_cursor_execute_evt, insert=True)
-        listen(engine, "handle_error", self._handle_error_evt, insert=True)
-
-    def _before_cursor_execute_evt(
-        self,
-        conn: Connection,
-        cursor: object,
-        statement: str,
-        parameters: object,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> None:
-        try:
-            if context is None or conn.invalidated or hasattr(context, self._token_attribute):
-                return
-            state = self._span_of(self._session_for(conn))
-            if state is None or state.ended:
-                return
-            token = otel_context.attach(trace.set_span_in_context(state.span))
-            setattr(context, self._token_attribute, token)
-        except Exception:
-            self._failed("otel_before_cursor_execute")
-
-    def _after_cursor_execute_evt(
-        self,
-        conn: Connection,
-        cursor: object,
-        statement: str,
-        parameters: object,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> None:
-        self._detach(context)
-
-    def _handle_error_evt(self, exception_context: ExceptionContext) -> None:
-        self._detach(exception_context.execution_context)
-
-    def _detach(self, context: ExecutionContext | None) -> None:
-        if context is None:
-            return
-        try:
-            token = vars(context).pop(self._token_attribute, None)
-            if token is not None:
-                otel_context.detach(token)
-        except Exception:
-            self._failed("otel_after_cursor_execute")
+        """Called for each engine the monitor watches, as it starts watching it."""
+        self.statements.listen(engine)

@@ -74,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     results = tmp_path_factory.mktemp("bench") / "RESULTS.md"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--output", str(results)]
     if shutil.which("wrk") is None:
-        command += ["--only", "micro,asgi,scale,memory"]
+        command += ["--only", "micro,instructions,asgi,scale,memory"]
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     done = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False

@@ -18,7 +18,7 @@ from dashboard_queries import (
     substitute,
 )
 
-from session_monitor.metrics import ALL_METRICS
+from session_monitor.metric_table import ALL_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"
@@ -244,7 +244,7 @@ def test_panels_do_not_overlap() -> None:
 
 
 def test_contract_is_the_metrics_table() -> None:
-    """The lists above are session_monitor.metrics.ALL_METRICS: a new metric needs a panel."""
+    """The lists above are session_monitor.metric_table.ALL_METRICS: a new metric needs a panel."""
     names = {spec.name + ("_total" if spec.kind == "counter" else "") for spec in ALL_METRICS}
     assert names == CONTRACT, (
         f"not in the lists of this test: {sorted(names - CONTRACT)}; "

@@ -415,7 +415,7 @@ def test_a_failing_statement_listener_is_counted_and_the_statement_runs(
     def broken(connection: Any) -> Any:
         raise RuntimeError("a bug of the monitor's")
 
-    monkeypatch.setattr(observer, "_session_for", broken)  # our own code, failing
+    monkeypatch.setattr(observer.statements, "session_for", broken)  # our own code, failing
     with Session(engine) as session:
         assert session.execute(text("select 41 + 1")).scalar_one() == 42
         assert session.execute(text("select 2")).scalar_one() == 2

@@ -956,9 +956,9 @@ def test_uninstrument_silences_the_statement_listeners(
 
     (observer,) = [o for o in stack.monitor.observers if isinstance(o, OpenTelemetryObserver)]
     listeners: list[tuple[str, Callable[..., Any]]] = [
-        ("before_cursor_execute", observer._before_cursor_execute_evt),
-        ("after_cursor_execute", observer._after_cursor_execute_evt),
-        ("handle_error", observer._handle_error_evt),
+        ("before_cursor_execute", observer.statements._before_cursor_execute_evt),
+        ("after_cursor_execute", observer.statements._after_cursor_execute_evt),
+        ("handle_error", observer.statements._handle_error_evt),
     ]
     # On the watched engine only: the Engine class, and so every other engine, stays bare.
     assert all(event.contains(stack.engine, name, fn) for name, fn in listeners)

@@ -1,0 +1,87 @@
+"""A pooled connection's own life, beside its checkouts (`pool.py`): opened (and how long that
+took), closed, invalidated (and why). `PoolTracker` inherits these listeners."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc
+
+if TYPE_CHECKING:
+    from .observer import Fanout
+    from .pool_state import EnginePool, PoolState
+    from .sessions import SessionTracker
+
+_CONNECT_STARTED = "session_monitor.connect_started"
+
+
+class ConnectionLifecycle:
+    _emit: Fanout | None
+    _sessions: SessionTracker
+
+    def _publish_usage(self, state: PoolState) -> None:
+        # Called under state.lock, so concurrent updates reach observers' gauges in order.
+        assert self._emit is not None
+        self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
+
+    def _do_connect_evt(
+        self, entry: EnginePool, dialect: Any, record: Any, cargs: Any, cparams: Any
+    ) -> None:
+        if record is not None:
+            record.info[_CONNECT_STARTED] = time.perf_counter()
+
+    def _connect_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
+        started = record.info.pop(_CONNECT_STARTED, None)
+        if started is not None:
+            seconds = time.perf_counter() - started
+            state = entry.state
+            histogram = state.stats.create
+            bucket = histogram.bucket(seconds)
+            with state.lock:
+                histogram.counts[bucket] += 1
+                histogram.sum += seconds
+            if self._emit is not None:
+                self._emit.connection_created(state.name, seconds)
+
+    def _close_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
+        key = id(record)
+        state = entry.state
+        with state.lock:
+            if key in state.idle:
+                del state.idle[key]
+            if self._emit is not None:
+                self._publish_usage(state)
+
+    def _invalidate_evt(
+        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(entry.state, record, exception, soft=False)
+
+    def _soft_invalidate_evt(
+        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(entry.state, record, exception, soft=True)
+
+    def _invalidated(self, state: PoolState, record: Any, exception: Any, *, soft: bool) -> None:
+        # What SQLAlchemy lets us tell apart: the app's own invalidate() passes no exception;
+        # a failed pre-ping (or a checkout listener's DisconnectionError) a DisconnectionError;
+        # a disconnect seen by a statement the driver's error. A recycle is no invalidation.
+        if exception is None:
+            reason = "explicit"
+        elif isinstance(exception, exc.DisconnectionError):
+            reason = "pre_ping"
+        else:
+            reason = "error"
+        checkout = state.checked_out.get(id(record))
+        if not soft and checkout is not None and checkout.transaction_started_at is not None:
+            # The connection and its transaction are gone: whatever the app does next, that
+            # transaction was rolled back.
+            self._sessions.end_transaction(checkout, "rollback")
+        key = ("true" if soft else "false", reason)
+        invalidations = state.stats.invalidations
+        with state.lock:
+            invalidations[key] = invalidations.get(key, 0) + 1
+        if self._emit is not None:
+            view = None if checkout is None else checkout.view()
+            self._emit.connection_invalidated(state.name, soft, view, reason)

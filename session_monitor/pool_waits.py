@@ -1,0 +1,93 @@
+"""Callers waiting for a pooled connection: pending callers, waits that timed out or were
+cancelled, and a request asking for a second connection while it holds one (nested_checkout).
+`PoolTracker` inherits these; its `acquire_started` / `acquire_finished` call them."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from ._hooks import acquiring_session
+from .stacks import application_location, format_location
+
+if TYPE_CHECKING:
+    from ._listeners import Guard
+    from .context import RequestScope
+    from .holders import ExhaustionReporter
+    from .observer import Fanout
+    from .pool_state import PoolState
+    from .sessions import SessionTracker
+
+
+class Waiting:
+    _emit: Fanout | None
+    _sessions: SessionTracker
+    _guard: Guard
+    exhaustion: ExhaustionReporter
+
+    def usage(self, state: PoolState) -> tuple[int, int, int, int | None]:
+        """(used, idle, pending, maximum) of a pool now, without touching the scrape's peak."""
+        maximum = state.maximum()
+        with state.lock:
+            return len(state.checked_out), len(state.idle), state.stats.pending, maximum
+
+    def _check_nested(self, request: RequestScope, state: PoolState) -> None:
+        """A request asking a pool for a connection while one of its sessions holds another."""
+        ref = acquiring_session.get()
+        orm_session = None if ref is None else ref()
+        acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
+        for session in request.sessions:
+            if session is acquiring or session.closed:
+                continue
+            for held in session.checkouts:
+                if not held.returned and held.pool_name == state.name:
+                    self._sessions.pitfalls.found(
+                        "nested_checkout",
+                        session,
+                        application_location(sys._getframe(1)),
+                        f"while the request's {session.kind} opened at "
+                        f"{format_location(session.view.location)} holds one",
+                    )
+                    return
+
+    def _pending(self, state: PoolState, delta: int) -> None:
+        try:
+            with state.lock:
+                state.stats.pending += delta
+                if delta > 0:
+                    state.stats.waited += 1
+            if self._emit is not None:
+                self._emit.pool_pending(state.name, delta)
+                if delta > 0:
+                    self._emit.checkout_waited(state.name)
+        except Exception:
+            self._guard.failed("pool_pending")
+
+    def _timed_out(self, state: PoolState, waited: float) -> None:
+        try:
+            with state.lock:
+                state.stats.timeouts += 1
+            holders = self._report_exhaustion(state, "timeout", waited)
+            if self._emit is not None:
+                ref = acquiring_session.get()
+                orm_session = None if ref is None else ref()
+                tracked = None if orm_session is None else self._sessions.tracked(orm_session)
+                view = None if tracked is None else tracked.view
+                self._emit.checkout_timed_out(state.name, waited, view, holders)
+        except Exception:
+            self._guard.failed("timeout")
+
+    def _wait_cancelled(self, state: PoolState, waited: float) -> None:
+        try:
+            with state.lock:
+                state.stats.cancelled += 1
+            self._report_exhaustion(state, "cancelled", waited)
+            if self._emit is not None:
+                self._emit.wait_cancelled(state.name, waited)
+        except Exception:
+            self._guard.failed("wait_cancelled")
+
+    def _report_exhaustion(self, state: PoolState, kind: str, waited: float) -> tuple[str, ...]:
+        with state.lock:
+            held = list(state.checked_out.values())
+        return self.exhaustion.report(state.name, kind, waited, self.usage(state), held)

@@ -74,3 +74,49 @@ class SessionMonitorMiddleware:
             current_request.reset(token)
             request.finish()
             monitor._request_finished(request)
+
+
+def insert_middleware(app: Any, monitor: SessionMonitor) -> None:
+    """Make the middleware the outermost user middleware of a Starlette/FastAPI app, whenever
+    the others are added (see `SessionMonitor.instrument_app`)."""
+    build = getattr(app, "build_middleware_stack", None)
+    user_middleware = getattr(app, "user_middleware", None)
+    if (
+        callable(build)
+        and isinstance(user_middleware, list)
+        and getattr(app, "middleware_stack", ...) is None
+    ):
+        from starlette.middleware import Middleware  # an app of Starlette's: it is there
+
+        def build_middleware_stack() -> Any:
+            # The outermost of the user middleware, whenever the others were added: inside
+            # Starlette's error handling, where OpenTelemetry's FastAPI instrumentation
+            # expects to find it and puts its server span around everything else.
+            ours = Middleware(SessionMonitorMiddleware, monitor=monitor)
+            user_middleware.insert(0, ours)
+            try:
+                return build()
+            finally:
+                user_middleware.remove(ours)
+
+        build_middleware_stack.session_monitor = monitor  # type: ignore[attr-defined]
+        app.build_middleware_stack = build_middleware_stack
+    else:  # not Starlette's shape, or already serving: Starlette says which
+        app.add_middleware(SessionMonitorMiddleware, monitor=monitor)
+
+
+def remove_middleware(app: Any, monitor: SessionMonitor) -> None:
+    """Undo `insert_middleware`. A stack built already keeps the middleware, which passes
+    requests through once the monitor is uninstrumented."""
+    if getattr(vars(app).get("build_middleware_stack"), "session_monitor", None) is monitor:
+        del app.build_middleware_stack
+    user_middleware = getattr(app, "user_middleware", None)
+    if isinstance(user_middleware, list):
+        user_middleware[:] = [
+            m
+            for m in user_middleware
+            if not (
+                getattr(m, "cls", None) is SessionMonitorMiddleware
+                and getattr(m, "kwargs", {}).get("monitor") is monitor
+            )
+        ]

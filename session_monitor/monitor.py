@@ -27,7 +27,7 @@ from .holders import HolderView, PoolEvent, PoolUsage, holder_views
 from .idle import IdleInTransactionSampler
 from .leaks import AgeWatcher
 from .metrics import PrometheusCollector
-from .middleware import SessionMonitorMiddleware
+from .middleware import insert_middleware, remove_middleware
 from .multiprocess import metrics_app
 from .observer import Fanout, Observer
 from .pitfalls import Pitfall
@@ -281,32 +281,7 @@ class SessionMonitor:
         if app in self._apps:
             warnings.warn("session_monitor: this app is already instrumented", stacklevel=2)
             return app
-        build = getattr(app, "build_middleware_stack", None)
-        user_middleware = getattr(app, "user_middleware", None)
-        if (
-            callable(build)
-            and isinstance(user_middleware, list)
-            and getattr(app, "middleware_stack", ...) is None
-        ):
-            from starlette.middleware import Middleware  # an app of Starlette's: it is there
-
-            monitor = self
-
-            def build_middleware_stack() -> Any:
-                # The outermost of the user middleware, whenever the others were added: inside
-                # Starlette's error handling, where OpenTelemetry's FastAPI instrumentation
-                # expects to find it and puts its server span around everything else.
-                ours = Middleware(SessionMonitorMiddleware, monitor=monitor)
-                user_middleware.insert(0, ours)
-                try:
-                    return build()
-                finally:
-                    user_middleware.remove(ours)
-
-            build_middleware_stack.session_monitor = self  # type: ignore[attr-defined]
-            app.build_middleware_stack = build_middleware_stack
-        else:  # not Starlette's shape, or already serving: Starlette says which
-            app.add_middleware(SessionMonitorMiddleware, monitor=self)
+        insert_middleware(app, self)
         self._apps.add(app)
         return app
 
@@ -327,12 +302,7 @@ class SessionMonitor:
             self._idle_sampler.stop()
             self._idle_sampler = None
         for app in list(self._apps):
-            # A stack built already keeps the middleware, which now passes requests through.
-            if getattr(vars(app).get("build_middleware_stack"), "session_monitor", None) is self:
-                del app.build_middleware_stack
-            user_middleware = getattr(app, "user_middleware", None)
-            if isinstance(user_middleware, list):
-                user_middleware[:] = [m for m in user_middleware if not self._is_ours(m)]
+            remove_middleware(app, self)
         self._apps = weakref.WeakSet()
         if self.registry is not None:
             for collector in self._collectors:
@@ -342,12 +312,6 @@ class SessionMonitor:
             self._emit.close()
 
     # -- what the middleware calls (never raises) ---------------------------------------------
-
-    def _is_ours(self, middleware: Any) -> bool:
-        return (
-            getattr(middleware, "cls", None) is SessionMonitorMiddleware
-            and getattr(middleware, "kwargs", {}).get("monitor") is self
-        )
 
     def _request_finished(self, request: RequestScope) -> None:
         try:

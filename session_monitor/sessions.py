@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from sqlalchemy.orm import Session
 from ._listeners import Guard
 from .config import MonitorConfig
 from .context import RequestScope, current_request
+from .forgotten_commits import ForgottenCommits
 from .idle import idle_message
 from .leaks import LeakDetector
 from .naming import NO_REQUEST
@@ -40,7 +40,6 @@ from .records import (
     SessionView,
     TrackedCheckout,
     TrackedSession,
-    next_session_id,
 )
 from .stacks import Location, application_location, application_stack
 from .stats import SessionStats
@@ -54,7 +53,7 @@ logger = logging.getLogger("session_monitor")
 _NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
 
 
-class SessionTracker(TransactionTracking):
+class SessionTracker(TransactionTracking, ForgottenCommits):
     def __init__(self, config: MonitorConfig, observers: Fanout | None, guard: Guard) -> None:
         self._config = config
         self._stack_depth = config.stack_depth if config.capture_stacks else 0
@@ -168,59 +167,6 @@ class SessionTracker(TransactionTracking):
             return None
         ref = tracked.session_ref
         return tracked if ref is not None and ref() is orm_session else None
-
-    def session_flushed(self, orm_session: Session) -> None:
-        try:
-            tracked = self.tracked(orm_session)
-            if tracked is not None:
-                tracked.flushed_uncommitted = True
-        except Exception:
-            self._guard.failed("session_flushed")
-
-    def session_closing(self, orm_session: Session) -> None:
-        """Before a close (called by the _close_impl hook): changes never committed are the
-        forgotten commit, unless an exception is on its way out (then the rollback is the point).
-        The common close, after a commit, has no transaction and costs one lookup."""
-        try:
-            if orm_session.__dict__.get("_transaction") is None or sys.exc_info()[1] is not None:
-                return
-            tracked = self.tracked(orm_session)
-            flushed = tracked is not None and tracked.flushed_uncommitted
-            if not (
-                flushed
-                or orm_session._new
-                or orm_session._deleted
-                or (orm_session.identity_map._modified and orm_session.dirty)
-            ):
-                return
-            # Frames: this method, the hook, Session.close() or whatever called _close_impl.
-            hook = sys._getframe().f_back
-            location = application_location(None if hook is None else hook.f_back)
-            if tracked is not None:
-                self.pitfalls.found("uncommitted_changes", tracked, location)
-                return
-            # Changes only, never flushed: it used no connection, so it has no record (and is
-            # counted nowhere else); a view of it is made for this report alone.
-            bind = orm_session.__dict__.get("bind")
-            entry = self.entry_for(bind) if isinstance(bind, Engine) else None
-            if entry is None:
-                return
-            request = current_request.get()
-            key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
-            view = SessionView(
-                next_session_id(),
-                "session",
-                entry.state.name,
-                entry.state.db_system,
-                key[0],
-                key[1],
-                location,
-                (),
-                time.perf_counter(),
-            )
-            self.pitfalls.found_for("uncommitted_changes", view, self._stats_for(key), location)
-        except Exception:
-            self._guard.failed("session_closing")
 
     def session_closed(self, orm_session: Session) -> None:
         """Called by the Session close hook."""

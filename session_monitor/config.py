@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
 
 
 class ConfigurationError(ValueError):
@@ -113,3 +116,24 @@ def excluded_path_set(paths: Iterable[str] | str | None) -> frozenset[str]:
             f"not the string {paths!r}"
         )
     return frozenset(paths)
+
+
+def sync_engines_of(engines: Iterable[Any]) -> list[Engine]:
+    """The sync engines SessionMonitor(*engines) names; an AsyncEngine is its sync_engine."""
+    found: list[Engine] = []
+    for candidate in engines:
+        if isinstance(candidate, (list, tuple, set, frozenset)):
+            found.extend(sync_engines_of(candidate))
+        elif isinstance(candidate, Engine):
+            found.append(candidate)
+        elif isinstance(getattr(candidate, "sync_engine", None), Engine):
+            # An AsyncEngine, recognised without importing SQLAlchemy's asyncio extension,
+            # which needs greenlet.
+            found.append(candidate.sync_engine)
+        else:
+            raise ConfigurationError(
+                "SessionMonitor watches SQLAlchemy engines: pass Engine or AsyncEngine objects "
+                "(SessionMonitor(engine) or SessionMonitor(engine_a, engine_b)), or none at all "
+                f"to watch every engine in the process; got {type(candidate).__name__}"
+            )
+    return found

@@ -15,8 +15,9 @@ against the same ground truth.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,6 +27,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from . import metric_table as table
+from .config import ConfigurationError
 from .stats import Histogram as StatsHistogram
 
 if TYPE_CHECKING:
@@ -145,3 +147,18 @@ class PrometheusCollector:
         yield errors
 
 
+def register_all(registry: CollectorRegistry, collectors: list[Any]) -> None:
+    """Register every collector, or none: a name taken already leaves the registry as it was."""
+    done: list[Any] = []
+    try:
+        for collector in collectors:
+            registry.register(collector)
+            done.append(collector)
+    except ValueError:
+        for collector in done:
+            registry.unregister(collector)
+        raise ConfigurationError(
+            "Another SessionMonitor already registered its metrics in this registry: build "
+            "one monitor per process (it can watch several engines), call uninstrument() on "
+            "the old one first, or pass registry=CollectorRegistry()."
+        ) from None

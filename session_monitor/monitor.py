@@ -20,13 +20,13 @@ from sqlalchemy.engine import Engine
 
 from . import _hooks
 from ._listeners import Guard
-from .config import ConfigurationError, MonitorConfig, excluded_path_set
+from .config import ConfigurationError, MonitorConfig, excluded_path_set, sync_engines_of
 from .context import RequestScope
 from .diagnostics import DiagnosticsApp
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
 from .idle import IdleInTransactionSampler
 from .leaks import AgeWatcher
-from .metrics import PrometheusCollector
+from .metrics import PrometheusCollector, register_all
 from .middleware import insert_middleware, remove_middleware
 from .multiprocess import metrics_app
 from .observer import Fanout, Observer
@@ -45,26 +45,6 @@ if TYPE_CHECKING:
     EngineLike = Engine | AsyncEngine
 
 logger = logging.getLogger("session_monitor")
-
-
-def _sync_engines(engines: Iterable[Any]) -> list[Engine]:
-    found: list[Engine] = []
-    for candidate in engines:
-        if isinstance(candidate, (list, tuple, set, frozenset)):
-            found.extend(_sync_engines(candidate))
-        elif isinstance(candidate, Engine):
-            found.append(candidate)
-        elif isinstance(getattr(candidate, "sync_engine", None), Engine):
-            # An AsyncEngine, recognised without importing SQLAlchemy's asyncio extension,
-            # which needs greenlet.
-            found.append(candidate.sync_engine)
-        else:
-            raise ConfigurationError(
-                "SessionMonitor watches SQLAlchemy engines: pass Engine or AsyncEngine objects "
-                "(SessionMonitor(engine) or SessionMonitor(engine_a, engine_b)), or none at all "
-                f"to watch every engine in the process; got {type(candidate).__name__}"
-            )
-    return found
 
 
 class SessionMonitor:
@@ -99,7 +79,7 @@ class SessionMonitor:
         meter_provider: Any = None,
         observers: Iterable[Observer] = (),
     ) -> None:
-        sync_engines = _sync_engines(engines)
+        sync_engines = sync_engines_of(engines)
         self.config = MonitorConfig(
             pool_name=pool_name,
             leak_threshold=leak_threshold,
@@ -197,31 +177,13 @@ class SessionMonitor:
 
     # -- wiring -------------------------------------------------------------------------------
 
-    def _register(self) -> None:
-        """Register every collector, or none: a name taken already leaves the registry as it was."""
-        registry = self.registry
-        if registry is None:
-            return
-        done: list[Any] = []
-        try:
-            for collector in self._collectors:
-                registry.register(collector)
-                done.append(collector)
-        except ValueError:
-            for collector in done:
-                registry.unregister(collector)
-            raise ConfigurationError(
-                "Another SessionMonitor already registered its metrics in this registry: build "
-                "one monitor per process (it can watch several engines), call uninstrument() on "
-                "the old one first, or pass registry=CollectorRegistry()."
-            ) from None
-
     def instrument(self) -> None:
         """Start watching: metrics, listeners and hooks. Done by the constructor; again after
         `uninstrument()` it picks up where the counters were. A second call does nothing."""
         if self.instrumented:
             return
-        self._register()
+        if self.registry is not None:
+            register_all(self.registry, self._collectors)
         self._pools.follow_again()
         for ref in self._engines:
             engine = ref()

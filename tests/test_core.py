@@ -432,3 +432,30 @@ async def test_scrape_time_collector_equals_prometheus_client_metrics(
         assert value == pytest.approx(by_client[key], rel=1e-9, abs=1e-12), key
     assert total(registry, "db_client_connection_timeouts_total") >= 1
     assert total(registry, "sqlalchemy_sessions_leaked_total") == 1
+
+
+def test_a_checkout_past_the_engine_is_counted_on_neither_side(
+    make_engine: Callable[..., Engine],
+    make_monitor: Callable[..., SessionMonitor],
+    registry: CollectorRegistry,
+    sqlite_url: str,
+) -> None:
+    # Checkouts are counted in the Engine.raw_connection hook (no pool checkout listener):
+    # engine.pool.connect() bypasses it, so its checkin must not be counted either, or
+    # checkouts = checkins + used would break.
+    engine = make_engine(sqlite_url)
+    make_monitor(engine, registry=registry)
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    counts = (
+        "db_client_connection_wait_time_seconds_count",
+        "db_client_connection_use_time_seconds_count",
+    )
+    before = [total(registry, name) for name in counts]
+    assert before == [1, 1]
+    direct = engine.pool.connect()
+    direct.close()
+    assert [total(registry, name) for name in counts] == before
+    assert total(registry, "db_client_connection_count", state="used") == 0
+    assert total(registry, "db_client_connection_count", state="idle") == 1
+    assert total(registry, "session_monitor_internal_errors_total") == 0

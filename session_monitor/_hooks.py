@@ -1,7 +1,9 @@
 """The places SQLAlchemy offers no event, wrapped once per process for every monitor.
 
 - ``Engine.raw_connection``: no event fires before a checkout or on a pool timeout, so wait
-  time, pending callers and timeouts are measured around the call that waits.
+  time, pending callers and timeouts are measured around the call that waits; the checkout
+  itself is counted there too, since a pool ``checkout`` listener would put every checkout on
+  the pool's slower path.
 - ``SessionTransaction._connection_for_bind``: a session's first connection request is the
   earliest moment it touches the database; marking it lets a checkout tell an ORM session's
   connection from one the app checked out through Core.
@@ -144,7 +146,7 @@ def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
         # pool's checkout event: a checkout listener puts every checkout on the pool's slower
         # path, and the wait, the session and where a Core connection opened are all known
         # here without a ContextVar. Pool.connect() called directly, past the engine, is
-        # counted only when it is checked in.
+        # counted neither here nor at its checkin (see PoolTracker._taken_back).
         for subscriber, token in watched:
             subscriber.acquire_finished(token, current, fairy, failure)
         fairy = failure = None  # no reference cycle through the traceback

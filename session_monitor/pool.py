@@ -268,7 +268,7 @@ class PoolTracker(ConnectionLifecycle, Waiting):
                 checkout.blocking = not in_greenlet()
         stats = state.stats
         histogram = stats.wait
-        bucket = bisect_left(histogram.bounds, wait)  # Histogram.bucket, without the call
+        bucket = bisect_left(histogram.bounds, wait)
         idle = state.idle
         with state.lock:
             checked_out = state.checked_out

@@ -4,6 +4,7 @@ took), closed, invalidated (and why). `PoolTracker` inherits these listeners."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc
@@ -37,7 +38,7 @@ class ConnectionLifecycle:
             seconds = time.perf_counter() - started
             state = entry.state
             histogram = state.stats.create
-            bucket = histogram.bucket(seconds)
+            bucket = bisect_left(histogram.bounds, seconds)
             with state.lock:
                 histogram.counts[bucket] += 1
                 histogram.sum += seconds

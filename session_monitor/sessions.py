@@ -223,7 +223,7 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         duration = perf_counter() - tracked.opened_at
         stats = tracked.stats
         histogram = stats.duration
-        bucket = bisect_left(histogram.bounds, duration)  # Histogram.bucket, without the call
+        bucket = bisect_left(histogram.bounds, duration)
         with self.lock:
             if tracked.closed:
                 return
@@ -300,8 +300,7 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         if checkout.age_reported:
             self.leaks.came_back(checkout, held)
         if owner.kind == "connection":
-            fairy_ref = checkout.fairy_ref
-            self.close(owner, collected=fairy_ref is not None and fairy_ref() is None)
+            self.close(owner, collected=checkout.collected)
 
     def session_for(self, connection: Connection) -> SessionView | None:
         """The session a Connection belongs to, if this monitor tracks it (for statement spans)."""

@@ -93,7 +93,7 @@ class TransactionTracking:
             new = Histogram(HOLD_BUCKETS)
             with self.lock:
                 histogram = by_outcome.setdefault(outcome, new)
-        bucket = bisect_left(histogram.bounds, duration)  # Histogram.bucket, without the call
+        bucket = bisect_left(histogram.bounds, duration)
         with self.lock:
             histogram.counts[bucket] += 1
             histogram.sum += duration

@@ -12,9 +12,17 @@ stack, whenever the others were added: a middleware that closes the request's se
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
-from .context import RequestScope, app_path, current_request
+from .context import (
+    LifespanPhase,
+    RequestScope,
+    app_path,
+    current_request,
+    failed_request,
+    lifespan_phase,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
@@ -28,6 +36,9 @@ if TYPE_CHECKING:
     ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+_MAX_LAYERS = 8
+
+
 class SessionMonitorMiddleware:
     def __init__(self, app: ASGIApp, *, monitor: SessionMonitor) -> None:
         self.app = app
@@ -35,17 +46,22 @@ class SessionMonitorMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         monitor = self.monitor
-        if scope["type"] != "http" or not monitor.instrumented:
+        kind = scope["type"]
+        if kind == "lifespan" and monitor.instrumented:
+            await self._lifespan(scope, receive, send)
+            return
+        if kind not in ("http", "websocket") or not monitor.instrumented:
             await self.app(scope, receive, send)
             return
         path = app_path(scope)
-        if path == monitor.config.metrics_path and monitor.metrics_app is not None:
-            await monitor.metrics_app(scope, receive, send)
-            return
-        diagnostics = monitor.diagnostics_app
-        if diagnostics is not None and diagnostics.handles(path):
-            await diagnostics(scope, receive, send, path)
-            return
+        if kind == "http":
+            if path == monitor.config.metrics_path and monitor.metrics_app is not None:
+                await monitor.metrics_app(scope, receive, send)
+                return
+            diagnostics = monitor.diagnostics_app
+            if diagnostics is not None and diagnostics.handles(path):
+                await diagnostics(scope, receive, send, path)
+                return
         if path in monitor.config.excluded_paths:
             await self.app(scope, receive, send)
             return
@@ -66,14 +82,38 @@ class SessionMonitorMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_noting_status)
+            await self.app(scope, receive, send_noting_status if kind == "http" else send)
         except BaseException as error:
             request.failure = f"raised {type(error).__name__}"
+            # Starlette's ServerErrorMiddleware, outside this one, runs the app's 500 handler
+            # next: its database work belongs to this request (`attribute_error_handler`).
+            failed_request.set(request)
             raise
         finally:
             current_request.reset(token)
             request.finish()
             monitor._request_finished(request)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Startup and shutdown serve no request, so their work on the event loop blocks none.
+        phase = LifespanPhase()
+        token = lifespan_phase.set(phase)
+
+        async def receive_noting_shutdown() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                phase.serving = False
+            return message
+
+        async def send_noting_startup(message: Message) -> None:
+            if message.get("type") in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                phase.serving = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive_noting_shutdown, send_noting_startup)
+        finally:
+            lifespan_phase.reset(token)
 
 
 def insert_middleware(app: Any, monitor: SessionMonitor) -> None:
@@ -95,14 +135,89 @@ def insert_middleware(app: Any, monitor: SessionMonitor) -> None:
             ours = Middleware(SessionMonitorMiddleware, monitor=monitor)
             user_middleware.insert(0, ours)
             try:
-                return build()
+                stack = build()
             finally:
                 user_middleware.remove(ours)
+            try:
+                attribute_error_handler(stack, monitor)
+            except Exception:
+                monitor._guard.failed("middleware_build")
+            return stack
 
         build_middleware_stack.session_monitor = monitor  # type: ignore[attr-defined]
         app.build_middleware_stack = build_middleware_stack
     else:  # not Starlette's shape, or already serving: Starlette says which
         app.add_middleware(SessionMonitorMiddleware, monitor=monitor)
+
+
+def attribute_error_handler(stack: Any, monitor: SessionMonitor) -> None:
+    """Run the app's 500 handler (`exception_handler(500)` or `(Exception)`) as part of the
+    request that failed: Starlette's ServerErrorMiddleware calls it outside this middleware,
+    once the request has ended here."""
+    from starlette._utils import is_async_callable
+    from starlette.middleware.errors import ServerErrorMiddleware
+
+    layer = stack
+    # The ServerErrorMiddleware nearest this middleware: OpenTelemetry's FastAPI
+    # instrumentation puts a second one, without the app's handler, around its own.
+    for _ in range(_MAX_LAYERS):
+        if layer is None or isinstance(layer, SessionMonitorMiddleware):
+            return
+        if isinstance(layer, ServerErrorMiddleware) and layer.handler is not None:
+            break
+        layer = getattr(layer, "app", None)
+    else:
+        return
+    handler = layer.handler
+    if getattr(handler, "session_monitor", None) is monitor:
+        return
+
+    def continued(request: Any) -> RequestScope | None:
+        try:
+            failed = failed_request.get()
+            if failed is None or failed.asgi_scope_id != id(request.scope):
+                return None
+            failed_request.set(None)
+            return RequestScope.continuing(failed) if monitor.instrumented else None
+        except Exception:
+            monitor._guard.failed("error_handler")
+            return None
+
+    def finished(continuation: RequestScope) -> None:
+        continuation.finish()
+        monitor._request_finished(continuation)
+
+    # The same kind of callable as the app's: Starlette runs a plain function in a thread.
+    wrapped: Any
+    if is_async_callable(handler):
+
+        async def wrapped(request: Any, exc: Exception) -> Any:
+            continuation = continued(request)
+            if continuation is None:
+                return await handler(request, exc)
+            token = current_request.set(continuation)
+            try:
+                return await handler(request, exc)
+            finally:
+                current_request.reset(token)
+                finished(continuation)
+
+    else:
+
+        def wrapped(request: Any, exc: Exception) -> Any:
+            continuation = continued(request)
+            if continuation is None:
+                return handler(request, exc)
+            token = current_request.set(continuation)
+            try:
+                return handler(request, exc)
+            finally:
+                current_request.reset(token)
+                finished(continuation)
+
+    functools.update_wrapper(wrapped, handler)
+    wrapped.session_monitor = monitor
+    layer.handler = wrapped
 
 
 def remove_middleware(app: Any, monitor: SessionMonitor) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from ._hooks import Acquisition, acquiring_session
 from ._listeners import Guard
-from .context import current_request
+from .context import current_request, serving_no_request
 from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
@@ -263,9 +263,10 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         checkout = TrackedCheckout(state.name, key, owner, request, now)
         if owner is not None:
             sessions.attach(checkout, proxy)
-            # A sync session on the event loop's thread: the task is known only there.
+            # A sync session on the event loop's thread (the task is known only there), while
+            # the app serves requests: a lifespan's startup and shutdown block none.
             if checkout.task_ref is not None:
-                checkout.blocking = not in_greenlet()
+                checkout.blocking = not in_greenlet() and not serving_no_request()
         stats = state.stats
         histogram = stats.wait
         bucket = bisect_left(histogram.bounds, wait)

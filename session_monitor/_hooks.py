@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
 from .stacks import Location, application_location, application_stack
 
@@ -109,6 +110,19 @@ def unsubscribe(owner: object) -> None:
         _subscribers = tuple(s for s in _subscribers if s.owner is not owner)
         if not _subscribers:
             _uninstall()
+
+
+def in_greenlet() -> bool:
+    """Whether this runs in the greenlet SQLAlchemy's asyncio extension runs sync code in.
+
+    Only an AsyncEngine or AsyncSession makes that greenlet, and greenlet is imported first: until
+    it is in sys.modules nothing runs in one. SQLAlchemy 2.1 no longer installs greenlet, and its
+    own `in_greenlet` then raises ImportError; without it the answer is simply False, at the cost
+    of a dict lookup (a sync app never imports greenlet for us).
+    """
+    if sys.modules.get("greenlet") is None:  # never imported, or unimportable
+        return False
+    return _sqlalchemy_in_greenlet()
 
 
 # -- the wrappers ------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.util.concurrency import in_greenlet
 
-from ._hooks import Acquisition, acquiring_session
+from ._hooks import Acquisition, acquiring_session, in_greenlet
 from ._listeners import Guard
 from .context import current_request, serving_no_request
 from .holders import ExhaustionReporter

@@ -151,6 +151,7 @@ class LeakGuard:
             # an outer-connection fixture does on purpose.
             idle_in_transaction_threshold=None,
             observers=[self.ledger],
+            library_packages=config.getini("session_monitor_library_packages"),
         )
         # Set up wider-scoped fixtures, and the owner of what each opened: an ORM Session a
         # test merely used first (its first query opens it) is still the fixture's.

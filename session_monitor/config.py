@@ -29,8 +29,20 @@ class MonitorConfig:
     timeout_log_interval: float = 10.0
     diagnostics_path: str | None = None
     diagnostics_token: str | None = None
+    # Modules (and their submodules) whose frames are never the application's line.
+    library_packages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in self.library_packages:
+            if not isinstance(name, str) or not all(
+                part.isidentifier() for part in name.split(".")
+            ):
+                raise ConfigurationError(
+                    "library_packages takes module names as you import them, such as "
+                    "('myorg_db_helpers', 'myorg.db'), whose frames then count as a library's "
+                    f"rather than as the application's line; got {name!r}"
+                    + (" (a distribution's name? use its module's)" if _dashed(name) else "")
+                )
         if self.diagnostics_path is not None and (
             not isinstance(self.diagnostics_path, str)
             or not self.diagnostics_path.startswith("/")
@@ -105,6 +117,21 @@ def _positive(value: object) -> bool:
         and math.isfinite(value)
         and value > 0
     )
+
+
+def _dashed(name: object) -> bool:
+    return isinstance(name, str) and "-" in name
+
+
+def package_names(names: Iterable[str] | str | None) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        raise ConfigurationError(
+            "library_packages takes a collection of module names such as ('myorg_db_helpers',), "
+            f"not the string {names!r}"
+        )
+    return tuple(names)
 
 
 def excluded_path_set(paths: Iterable[str] | str | None) -> frozenset[str]:

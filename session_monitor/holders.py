@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from .records import TrackedCheckout
-from .stacks import Location, application_stack, format_location
+from .stacks import Location, application_frames, application_stack, format_location
 
 # Where a holder's innermost frame means "in the database": SQLAlchemy and the usual drivers.
 _DATABASE_PACKAGES = (
@@ -111,34 +111,23 @@ def where_now(checkout: TrackedCheckout) -> tuple[str, str, tuple[Location, ...]
         # Its request is over: whatever its thread or task does now, it is not holding this.
         return "nobody (its request ended)", "leaked", ()
     task = None if checkout.task_ref is None else checkout.task_ref()
-    if task is not None and not task.done():
+    if checkout.task_ref is not None and (task is None or task.done()):
+        # Its thread runs other tasks now (perhaps the one asking): none of them is the holder.
+        return "a task that has ended", "unknown", ()
+    if task is not None:
         coroutine = task.get_coro()
         chain = _await_chain(coroutine)
         name = f"task {task.get_name()}"
         if chain and not getattr(coroutine, "cr_running", False):
             innermost = chain[-1]
             activity = "database" if _is_database_frame(innermost) else "awaiting"
-            stack: list[Location] = []
-            for frame in reversed(chain):
-                stack.extend(application_stack(_Alone(frame), 1))  # type: ignore[arg-type]
-                if len(stack) >= _NOW_DEPTH:
-                    break
-            return name, activity, tuple(stack)
+            return name, activity, application_frames(reversed(chain), _NOW_DEPTH)
         # Running now: on its thread, perhaps blocking the event loop.
         current = _thread_frame(checkout.thread_id)
-        return name, _activity(current), _stack(current)
+        return name, _activity(current), _stack(current, checkout.thread_id)
     current = _thread_frame(checkout.thread_id)
-    return f"thread {_thread_name(checkout.thread_id)}", _activity(current), _stack(current)
-
-
-class _Alone:
-    """A frame seen without its callers: an await chain links coroutines, not frames."""
-
-    __slots__ = ("f_back", "f_code", "f_lineno")
-
-    def __init__(self, frame: FrameType) -> None:
-        self.f_code, self.f_lineno, self.f_back = frame.f_code, frame.f_lineno, None
-
+    thread = f"thread {_thread_name(checkout.thread_id)}"
+    return thread, _activity(current), _stack(current, checkout.thread_id)
 
 
 def _activity(frame: FrameType | None) -> str:
@@ -147,8 +136,12 @@ def _activity(frame: FrameType | None) -> str:
     return "database" if _is_database_frame(frame) else "application"
 
 
-def _stack(frame: FrameType | None) -> tuple[Location, ...]:
-    return () if frame is None else application_stack(frame, _NOW_DEPTH)
+def _stack(frame: FrameType | None, thread_id: int) -> tuple[Location, ...]:
+    if frame is None:
+        return ()
+    # Only the asker's own stack continues in its parent greenlet (the awaiting frames of
+    # SQLAlchemy's asyncio extension): another thread's does not continue in the asker's.
+    return application_stack(frame, _NOW_DEPTH, cross_greenlet=thread_id == threading.get_ident())
 
 
 def _thread_name(thread_id: int) -> str:

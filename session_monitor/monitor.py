@@ -20,7 +20,13 @@ from sqlalchemy.engine import Engine
 
 from . import _hooks
 from ._listeners import Guard
-from .config import ConfigurationError, MonitorConfig, excluded_path_set, sync_engines_of
+from .config import (
+    ConfigurationError,
+    MonitorConfig,
+    excluded_path_set,
+    package_names,
+    sync_engines_of,
+)
 from .context import RequestScope
 from .diagnostics import DiagnosticsApp
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
@@ -34,6 +40,7 @@ from .pitfalls import Pitfall
 from .pool import PoolTracker
 from .records import SessionView
 from .sessions import SessionTracker
+from .stacks import add_library_packages
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,6 +85,7 @@ class SessionMonitor:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         observers: Iterable[Observer] = (),
+        library_packages: Iterable[str] = (),
     ) -> None:
         sync_engines = sync_engines_of(engines)
         self.config = MonitorConfig(
@@ -92,6 +100,7 @@ class SessionMonitor:
             timeout_log_interval=timeout_log_interval,
             diagnostics_path=diagnostics_path,
             diagnostics_token=diagnostics_token,
+            library_packages=package_names(library_packages),
         )
         if pool_name is not None and len(sync_engines) != 1:
             raise ConfigurationError(
@@ -182,6 +191,7 @@ class SessionMonitor:
         `uninstrument()` it picks up where the counters were. A second call does nothing."""
         if self.instrumented:
             return
+        add_library_packages(self.config.library_packages)
         if self.registry is not None:
             register_all(self.registry, self._collectors)
         self._pools.follow_again()

@@ -50,6 +50,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="like --session-monitor, and show the application stack where each leaked "
         "session was opened",
     )
+    parser.addini(
+        "session_monitor_library_packages",
+        type="args",
+        default=[],
+        help="module names (space-separated) whose frames are not the line a leak names, like "
+        "an installed library's: helpers that open sessions for the tests",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,7 +2,9 @@
 
 A session belongs to whatever was running when it opened: the test (its setup, its call, its
 teardown, its function-scoped fixtures) or a wider-scoped fixture, which may keep it for as
-long as it lives (see `Ledger` and `LeakGuard`).
+long as it lives (see `Ledger` and `LeakGuard`). Background work a wider-scoped fixture started
+(a shared TestClient's lifespan thread or task, a thread of its own) stays that fixture's while
+tests run (see `Ledger.owner_now`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Generator
+import weakref
+from collections.abc import Callable, Generator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, scoped_session
 
+from ._listeners import Guard
 from .monitor import SessionMonitor
 from .pytest_plugin import ALLOW_LEAKS
 from .records import CheckoutView, SessionView
@@ -44,21 +49,62 @@ class Leak(NamedTuple):
     dropped: bool  # garbage collected unclosed, rather than still open
 
 
+# Who sent the work a context carries; asyncio, anyio, Starlette's threadpool and a TestClient's
+# portal copy it into the tasks and worker threads they run that work in. `SENT_FROM_PYTEST`:
+# pytest's thread while a test runs, whoever runs there when a session opens; an Owner: the setup
+# of that wider-scoped fixture. A thread started with threading.Thread starts without any.
+sent_by: ContextVar[Owner | None] = ContextVar("session_monitor_sent_by", default=None)
+SENT_FROM_PYTEST = Owner(None, "pytest's thread")
+
+
 class Ledger:
     """The monitor's observer: the sessions open now with their owners, and the dropped ones.
 
     Its events may come from any thread (a TestClient's app runs in one), so the bookkeeping
-    is locked; `owner` is one attribute for every thread on purpose, since work a test hands
-    to a thread is still that test's."""
+    is locked. `owner` is what runs on pytest's own thread; who a session opened elsewhere
+    belongs to is `owner_now`."""
 
     def __init__(self) -> None:
         self.owner: Owner | None = None
+        self._pytest_thread = threading.get_ident()
+        # What ran on pytest's thread when each thread was started, inherited by the threads
+        # those start (see `thread_starting`): weakly, a thread is not kept alive for us.
+        self._threads: weakref.WeakKeyDictionary[threading.Thread, Owner] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
         self._open: dict[int, tuple[SessionView, Owner]] = {}
         self._dropped: list[tuple[SessionView, Owner]] = []
 
+    def thread_starting(self, thread: threading.Thread) -> None:
+        """Called in the thread that starts `thread`, before it runs."""
+        if threading.get_ident() == self._pytest_thread:
+            under = self.owner
+        else:
+            under = self._threads.get(threading.current_thread())
+        if under is not None:
+            self._threads[thread] = under
+
+    def owner_now(self) -> Owner | None:
+        """Who a session opening now, in this thread, belongs to.
+
+        On pytest's thread, and on a thread started (directly, or through the threads it
+        started) while a test ran there, whatever runs on pytest's thread now: the work a test
+        hands to a thread, a TestClient it opened, the worker threads of the loop its async
+        tests run in. Any other thread was started by a wider-scoped fixture, between tests or
+        before the plugin: the work it does is the test's only when a test sent it (a request
+        through a shared TestClient carries that in its context); a wider fixture's background
+        work (a lifespan's thread or task, a thread of its own) stays that fixture's, and work
+        nobody sent is nobody's."""
+        if threading.get_ident() != self._pytest_thread:
+            started_under = self._threads.get(threading.current_thread())
+            if started_under is None or started_under.test is None:
+                sender = sent_by.get()
+                return self.owner if sender is SENT_FROM_PYTEST else sender
+        return self.owner
+
     def session_opened(self, session: SessionView) -> None:
-        owner = self.owner
+        owner = self.owner_now()
         if owner is not None:  # not opened by a test or a fixture: at import, by a plugin
             with self._lock:
                 self._open[session.id] = (session, owner)
@@ -133,6 +179,34 @@ class Ledger:
     def close(self) -> None: ...
 
 
+def watch_thread_starts(
+    starting: Callable[[threading.Thread], None], guard: Guard
+) -> Callable[[], None]:
+    """Wrap threading.Thread.start so that `starting` sees each thread, in the thread that
+    starts it, before it runs: before Python 3.14 nothing a new thread has tells who started
+    it. Returns what takes the wrapper off again."""
+    original = threading.Thread.start
+    watching = True
+
+    def start(self: threading.Thread, *args: Any, **kw: Any) -> Any:
+        if watching and self.ident is None:  # a thread started twice is refused by the original
+            try:
+                starting(self)
+            except Exception:
+                guard.failed("pytest:thread_start")
+        return original(self, *args, **kw)
+
+    def unwatch() -> None:
+        nonlocal watching
+        watching = False
+        if threading.Thread.__dict__.get("start") is start:  # else wrapped again since: inert
+            setattr(threading.Thread, "start", original)  # noqa: B010
+
+    # setattr: a method cannot be assigned to under mypy.
+    setattr(threading.Thread, "start", start)  # noqa: B010
+    return unwatch
+
+
 class LeakGuard:
     """The plugin's hooks when --session-monitor is on: who opens what, and the check after
     each test's teardown."""
@@ -157,24 +231,34 @@ class LeakGuard:
         # test merely used first (its first query opens it) is still the fixture's.
         self._wide_fixtures: dict[pytest.FixtureDef[Any], Owner] = {}
         self._teardown: Owner | None = None
+        # The monitor's registry is the plugin's own and nobody scrapes it: a failure of ours
+        # in the wrapper is logged once, like the monitor's.
+        self._unwatch_threads = watch_thread_starts(
+            self.ledger.thread_starting, Guard(lambda listener: None)
+        )
 
     def pytest_unconfigure(self) -> None:
+        self._unwatch_threads()
         self.monitor.uninstrument()
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
         self.ledger.owner = Owner(item.nodeid, "the setup")
+        sending = sent_by.set(SENT_FROM_PYTEST)
         try:
             return (yield)
         finally:
+            sent_by.reset(sending)
             self.ledger.owner = None
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
         self.ledger.owner = Owner(item.nodeid, "the test")
+        sending = sent_by.set(SENT_FROM_PYTEST)
         try:
             return (yield)
         finally:
+            sent_by.reset(sending)
             self.ledger.owner = None
 
     @pytest.hookimpl(wrapper=True)
@@ -187,9 +271,14 @@ class LeakGuard:
         else:
             owner = Owner(None, f"the setup of {scope}-scoped fixture {name!r}")
         outer, self.ledger.owner = self.ledger.owner, owner
+        # What a wider fixture's setup starts (a TestClient's lifespan, its tasks) keeps working
+        # for that fixture while later tests run.
+        sending = sent_by.set(owner) if scope != "function" else None
         try:
             return (yield)
         finally:
+            if sending is not None:
+                sent_by.reset(sending)
             self.ledger.owner = outer
             if scope != "function":
                 self._wide_fixtures[fixturedef] = owner
@@ -210,9 +299,11 @@ class LeakGuard:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
         self._teardown = self.ledger.owner = Owner(item.nodeid, "the teardown")
+        sending = sent_by.set(SENT_FROM_PYTEST)
         try:
             result = yield  # a teardown that failed is reported as it is, without our check
         finally:
+            sent_by.reset(sending)
             self._teardown = self.ledger.owner = None
             if self.ledger.holds_open(item.nodeid):
                 gc.collect()  # a dropped Session sits in reference cycles until a collection

@@ -10,6 +10,13 @@ teardown, its function-scoped fixtures) or a wider-scoped fixture, which may kee
 long as it lives. When a test's teardown is over (its function-scoped fixtures are torn down),
 each session the test opened that is still open, or was dropped unclosed, is reported as an
 error in the teardown phase, the way pytest reports a fixture whose teardown failed.
+
+Threads and tasks: what the test starts is the test's (threads, a TestClient it opens, its
+requests, the worker threads of the loop its async tests run in); background work a
+wider-scoped fixture started is that fixture's, even while a test runs (a shared TestClient's
+lifespan thread or task, a thread the fixture started), except the requests a test sends
+through it. To know who started a thread, the plugin wraps ``threading.Thread.start`` while it
+runs.
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
 """Pool state, alone: connections idle and used, waits, timeouts, creation, invalidation.
 
-State follows sqlalchemy-collectd: a pool's connections are kept as collections of record ids
-(idle) and of checkouts (used), and the gauges are *their sizes*, so a missed or repeated event
-can never drive a gauge negative. What a scrape can read from live objects it reads there: the
-pool's bound comes from the live engines' pools at scrape time, and an engine that is collected
-takes its idle connections out of the gauge with it.
+A pool is one SQLAlchemy Pool object, whatever its name (`pool_state.py`): its checkouts are
+kept as a collection of record ids, as sqlalchemy-collectd does, and the used gauge is its size,
+so a missed or repeated event can never drive a gauge negative. What a scrape can read from live
+objects it reads there: which pool each engine uses now, the pools' bounds and their idle
+connections (`pool.checkedin()`), so a disposed pool, or one an engine collected took with it,
+drops out of the gauges by itself.
 
-Engines, views and their shared state are in `pool_state.py`.
+In a forked child (gunicorn's preload) the connections out and the callers waiting are the
+parent's: the child forgets them (`os.register_at_fork`), and its pools, once it disposes them
+as SQLAlchemy recommends, are new objects.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from asyncio import CancelledError
@@ -22,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool
 
 from ._hooks import Acquisition, acquiring_session, in_greenlet
 from ._listeners import Guard
@@ -30,7 +35,7 @@ from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_connections import ConnectionLifecycle
-from .pool_state import EnginePool, PoolSnapshot, PoolState, root_engine
+from .pool_state import EnginePool, PoolSnapshot, PoolState, WatchedPool, root_engine
 from .pool_waits import Waiting
 from .records import TrackedCheckout
 from .sessions import SessionTracker
@@ -63,6 +68,7 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         # False after uninstrument(): the listeners stay, doing nothing (see `stop_following`).
         self.following = True
         self.exhaustion = ExhaustionReporter(timeout_log_interval)
+        _trackers.add(self)
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -94,11 +100,12 @@ class PoolTracker(ConnectionLifecycle, Waiting):
             state = self._states.get(name)
             if state is None:
                 state = self._states[name] = PoolState(name, engine.dialect.name)
-            entry = EnginePool(engine, state)
+            entry = EnginePool(engine, state, self._watch)
             self._listen(engine, entry)
             self._engines[id(engine)] = entry
             state.engines[id(engine)] = entry
             weakref.finalize(engine, self._engine_collected, id(engine), entry)
+        entry.pool()  # watched from now: the idle connections it has already are counted
         for added in self.engine_added:
             added(engine)
         if self._emit is not None:
@@ -107,14 +114,36 @@ class PoolTracker(ConnectionLifecycle, Waiting):
                 self._publish_usage(state)
         return entry
 
+    def _watch(self, state: PoolState, pool: Pool) -> WatchedPool:
+        """The WatchedPool of a pool object, made the first time an engine is seen using it."""
+        key = id(pool)
+        with state.lock:
+            watched = state.pools.get(key)
+            if watched is None or watched.pool_ref() is not pool:
+                ref = weakref.ref(pool, partial(self._pool_collected, state, key))
+                watched = state.pools[key] = WatchedPool(pool, state, ref)
+        return watched
+
+    def _pool_collected(self, state: PoolState, key: int, ref: weakref.ref[Pool]) -> None:
+        try:
+            with state.lock:
+                watched = state.pools.get(key)
+                if watched is None or watched.pool_ref is not ref:
+                    return
+                del state.pools[key]
+            # A pool is collected after its last connection came back; one still listed here
+            # was taken back unseen (e.g. while the monitor was off): counted back now.
+            for record in list(watched.checked_out):
+                self._taken_back(watched, record, back_to_idle=False)
+        except Exception:
+            self._guard.failed("pool_collected")
+
     def _engine_collected(self, key: int, entry: EnginePool) -> None:
         try:
             state = entry.state
             self._engines.pop(key, None)
             with state.lock:
                 state.engines.pop(key, None)
-                for record in [r for r, owner in state.idle.items() if owner is entry]:
-                    del state.idle[record]
                 if self._emit is not None:
                     self._publish_usage(state)
             if self._emit is not None:
@@ -132,41 +161,61 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         use so far (its Core session closed) and the idle ones are forgotten: the gauges start
         again from the pools' next events."""
         self.following = False
-        for state in list(self._states.values()):
-            with state.lock:
-                held = list(state.checked_out)
-                state.idle.clear()
+        for watched in self._watched():
+            with watched.label.lock:
+                held = list(watched.checked_out)
+                watched.idle.clear()
             for key in held:
-                self._taken_back(state, key, None)
+                self._taken_back(watched, key, back_to_idle=False)
 
     def follow_again(self) -> None:
         self.following = True
+
+    def forked(self) -> None:
+        """In a forked child, before anything else runs: the connections out and the callers
+        waiting are the parent's (only the thread that forked goes on here). Each connection
+        out is counted back with its use so far, so checkouts = checkins + used holds in the
+        child too, and marked returned: the age watcher no longer looks at it. Nothing else
+        is called: a lock another thread of the parent held would never be released here."""
+        self._lock = threading.Lock()
+        now = perf_counter()
+        for state in list(self._states.values()):
+            state.lock = threading.RLock()
+            for watched in list(state.pools.values()):
+                watched.pending = 0
+                for key in list(watched.checked_out):
+                    checkout = self._release(watched, key, False, now)
+                    if checkout is not None:
+                        checkout.returned = True
 
     def snapshot(self) -> list[PoolSnapshot]:
         """For a scrape: the peak in use starts again from the number in use now."""
         pools = []
         for state in list(self._states.values()):
-            maximum = state.maximum()
+            _, idle, pending, maximum = state.usage()
             with state.lock:
-                used = len(state.checked_out)
-                pools.append(
-                    PoolSnapshot(state.name, len(state.idle), used, maximum, state.stats.copy())
-                )
+                used = state.used
+                stats = state.stats.copy()
                 state.stats.peak_used = used
+            stats.pending = pending
+            pools.append(PoolSnapshot(state.name, idle, used, maximum, stats))
         return pools
 
     def states(self) -> list[PoolState]:
         return list(self._states.values())
 
+    def _watched(self) -> list[WatchedPool]:
+        return [w for state in list(self._states.values()) for w in list(state.pools.values())]
+
     def checkouts(self) -> Iterator[TrackedCheckout]:
-        for state in list(self._states.values()):
-            with state.lock:
-                held = list(state.checked_out.values())
+        for watched in self._watched():
+            with watched.label.lock:
+                held = list(watched.checked_out.values())
             yield from held
 
     @property
     def tracked_checkouts(self) -> int:
-        return sum(len(state.checked_out) for state in list(self._states.values()))
+        return sum(state.used for state in list(self._states.values()))
 
     def _listen(self, engine: Engine, entry: EnginePool) -> None:
         failed = self._guard.failed
@@ -197,44 +246,49 @@ class PoolTracker(ConnectionLifecycle, Waiting):
 
     # -- waiting (called by the raw_connection hook; never raise) ---------------------------
 
-    def acquire_started(self, engine: Engine) -> tuple[PoolState, bool] | None:
+    def acquire_started(self, engine: Engine) -> tuple[WatchedPool, bool] | None:
         try:
             entry = self.entry_for(engine)
             if entry is None:
                 return None
+            # The engine's pool now (a view's is its parent's): a new object after dispose().
+            pool = engine.pool
+            watched = entry.current
+            if watched is None or watched.pool_ref() is not pool:
+                watched = entry.pool(pool)
+                if watched is None:
+                    return None
             request = current_request.get()
             # After the response, a background task's session beside the request's own is
             # FastAPI's canonical order (yield dependencies close after background tasks).
             if request is not None and request.sessions and not request.responded:
-                self._check_nested(request, entry.state)
-            state = entry.state
-            # An idle connection to take: no wait, answered without asking the pool.
-            pending = not state.idle and entry.will_wait()
+                self._check_nested(request, watched)
+            pending = watched.will_wait(pool)
             if pending:
-                self._pending(state, +1)
-            return state, pending
+                self._pending(watched, +1)
+            return watched, pending
         except Exception:
             self._guard.failed("raw_connection")
             return None
 
     def acquire_finished(
         self,
-        token: tuple[PoolState, bool],
+        token: tuple[WatchedPool, bool],
         current: Acquisition,
         proxy: Any,
         failure: BaseException | None,
     ) -> None:
         try:
-            state, pending = token
+            watched, pending = token
             if pending:
-                self._pending(state, -1)
+                self._pending(watched, -1)
             if proxy is not None:
                 if self.following:
-                    self._checked_out(state, id(proxy._connection_record), proxy, current)
+                    self._checked_out(watched, id(proxy._connection_record), proxy, current)
             elif isinstance(failure, exc.TimeoutError):
-                self._timed_out(state, perf_counter() - current.started)
+                self._timed_out(watched, perf_counter() - current.started)
             elif pending and isinstance(failure, CancelledError):
-                self._wait_cancelled(state, perf_counter() - current.started)
+                self._wait_cancelled(watched, perf_counter() - current.started)
         except Exception:
             self._guard.failed("checkout")
 
@@ -244,8 +298,11 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         assert self._emit is not None
         self._emit.pool_capacity(state.name, state.maximum())
 
-    def _checked_out(self, state: PoolState, key: int, proxy: Any, current: Acquisition) -> None:
+    def _checked_out(
+        self, watched: WatchedPool, key: int, proxy: Any, current: Acquisition
+    ) -> None:
         now = perf_counter()
+        state = watched.label
         wait = now - current.started
         request = current_request.get()
         ref = acquiring_session.get()
@@ -269,12 +326,14 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         stats = state.stats
         histogram = stats.wait
         bucket = bisect_left(histogram.bounds, wait)
-        idle = state.idle
+        idle = watched.idle
         with state.lock:
-            checked_out = state.checked_out
+            checked_out = watched.checked_out
+            if key not in checked_out:
+                state.used += 1
             checked_out[key] = checkout
-            if len(checked_out) > stats.peak_used:
-                stats.peak_used = len(checked_out)
+            if state.used > stats.peak_used:
+                stats.peak_used = state.used
             if key in idle:
                 del idle[key]
             histogram.counts[bucket] += 1
@@ -288,39 +347,62 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         if not self.following:
             return
         try:
+            key = id(record)
+            watched = entry.current
+            if watched is None or key not in watched.checked_out:
+                # Out of a pool the engine has since disposed, or not counted out by us.
+                watched = entry.holding(key) or watched
+                if watched is None:
+                    return
             # Without a DBAPI connection (invalidated) nothing goes back to the idle ones.
-            self._taken_back(
-                entry.state, id(record), entry if dbapi_connection is not None else None
-            )
+            self._taken_back(watched, key, back_to_idle=dbapi_connection is not None)
         except Exception:
             self._guard.failed("checkin")
 
     def _detach_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
-        self._taken_back(entry.state, id(record), None)
+        key = id(record)
+        watched = entry.holding(key) or entry.current
+        if watched is not None:
+            self._taken_back(watched, key, back_to_idle=False)
 
-    def _taken_back(self, state: PoolState, key: int, idle: EnginePool | None) -> None:
-        """The pool has a connection back (checkin; `idle` is its engine's entry) or lets it
-        go (detach, invalidation): count its use."""
-        now = perf_counter()
-        checked_out, idle_connections = state.checked_out, state.idle
+    def _release(
+        self, watched: WatchedPool, key: int, back_to_idle: bool, now: float
+    ) -> TrackedCheckout | None:
+        """The pool's side of a connection taken back: out of the used ones, into the idle
+        ones (of a pool that does not count them itself), its use counted once."""
+        state = watched.label
+        checked_out, idle = watched.checked_out, watched.idle
         checkout = checked_out.get(key)
         held = 0.0 if checkout is None else now - checkout.checked_out_at
         histogram = state.stats.use
         bucket = bisect_left(histogram.bounds, held)
+        to_idle = back_to_idle and not watched.counts_itself
         with state.lock:
             if key in checked_out:
                 del checked_out[key]
-            if idle is not None:
-                idle_connections[key] = idle
-            elif key in idle_connections:
-                del idle_connections[key]
-            if checkout is not None:
-                histogram.counts[bucket] += 1
-                histogram.sum += held
-            if self._emit is not None:
-                self._publish_usage(state)
+                state.used -= 1
+                if checkout is not None:
+                    histogram.counts[bucket] += 1
+                    histogram.sum += held
+            if to_idle:
+                idle[key] = None
+            elif key in idle:
+                del idle[key]
+        return checkout
+
+    def _taken_back(self, watched: WatchedPool, key: int, *, back_to_idle: bool) -> None:
+        """The pool has a connection back (checkin) or lets it go (detach, invalidation): count
+        its use."""
+        now = perf_counter()
+        checkout = self._release(watched, key, back_to_idle, now)
+        if self._emit is not None:
+            state = watched.label
+            with state.lock:
+                # The checkin event comes before the pool puts the connection back.
+                self._publish_usage(state, watched if back_to_idle else None)
         if checkout is None or checkout.returned:
             return
+        held = now - checkout.checked_out_at
         checkout.returned = True
         if self._emit is not None:
             self._emit.connection_checked_in(checkout.view(), held)
@@ -334,3 +416,16 @@ class PoolTracker(ConnectionLifecycle, Waiting):
             )
         if checkout.owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
+
+
+# Every tracker, for the fork handler; a tracker dropped by its monitor leaves by itself.
+_trackers: weakref.WeakSet[PoolTracker] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tracker in list(_trackers):
+        tracker.forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

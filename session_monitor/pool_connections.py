@@ -11,7 +11,7 @@ from sqlalchemy import exc
 
 if TYPE_CHECKING:
     from .observer import Fanout
-    from .pool_state import EnginePool, PoolState
+    from .pool_state import EnginePool, PoolState, WatchedPool
     from .sessions import SessionTracker
 
 _CONNECT_STARTED = "session_monitor.connect_started"
@@ -21,10 +21,16 @@ class ConnectionLifecycle:
     _emit: Fanout | None
     _sessions: SessionTracker
 
-    def _publish_usage(self, state: PoolState) -> None:
+    def _publish_usage(self, state: PoolState, returning: WatchedPool | None = None) -> None:
+        """The name's pools summed, as the scrape shows them. `returning`: the pool whose
+        checkin event runs now, before the pool puts the connection back among its idle ones."""
         # Called under state.lock, so concurrent updates reach observers' gauges in order.
         assert self._emit is not None
-        self._emit.pool_usage(state.name, len(state.idle), len(state.checked_out))
+        live = state.live_pools()
+        idle = sum(watched.idle_count() for watched in live)
+        if returning is not None and returning.counts_itself and returning in live:
+            idle += 1
+        self._emit.pool_usage(state.name, idle, state.used)
 
     def _do_connect_evt(
         self, entry: EnginePool, dialect: Any, record: Any, cargs: Any, cparams: Any
@@ -48,23 +54,25 @@ class ConnectionLifecycle:
     def _close_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
         key = id(record)
         state = entry.state
+        pools = list(state.pools.values())
         with state.lock:
-            if key in state.idle:
-                del state.idle[key]
+            for watched in pools:
+                if key in watched.idle:
+                    del watched.idle[key]
             if self._emit is not None:
                 self._publish_usage(state)
 
     def _invalidate_evt(
         self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
     ) -> None:
-        self._invalidated(entry.state, record, exception, soft=False)
+        self._invalidated(entry, record, exception, soft=False)
 
     def _soft_invalidate_evt(
         self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
     ) -> None:
-        self._invalidated(entry.state, record, exception, soft=True)
+        self._invalidated(entry, record, exception, soft=True)
 
-    def _invalidated(self, state: PoolState, record: Any, exception: Any, *, soft: bool) -> None:
+    def _invalidated(self, entry: EnginePool, record: Any, exception: Any, *, soft: bool) -> None:
         # What SQLAlchemy lets us tell apart: the app's own invalidate() passes no exception;
         # a failed pre-ping (or a checkout listener's DisconnectionError) a DisconnectionError;
         # a disconnect seen by a statement the driver's error. A recycle is no invalidation.
@@ -74,7 +82,10 @@ class ConnectionLifecycle:
             reason = "pre_ping"
         else:
             reason = "error"
-        checkout = state.checked_out.get(id(record))
+        state = entry.state
+        record_key = id(record)
+        holding = entry.holding(record_key)
+        checkout = None if holding is None else holding.checked_out.get(record_key)
         if not soft and checkout is not None and checkout.transaction_started_at is not None:
             # The connection and its transaction are gone: whatever the app does next, that
             # transaction was rolled back.

@@ -1,18 +1,32 @@
-"""What a pool is, as the monitor keeps it: engines, their bounds, and the state they share.
+"""What a pool is, as the monitor keeps it: one SQLAlchemy `Pool` object, whatever its name.
 
-An engine made by ``engine.execution_options(...)`` shares its parent's pool and events: it is
-its parent here (`root_engine`), never a pool of its own. A pool's bound is read from the live
-engines when asked (`PoolState.maximum`), so a collected engine no longer counts.
+- `WatchedPool`: one pool object's connections out and its waiting callers. Waits and nested
+  checkouts are decided here, never across pools: a sync and an async engine on one database
+  are two pools. ``engine.dispose()`` replaces the engine's pool with a new object, and so a new
+  `WatchedPool`; the old one keeps the connections still out of it until they come back.
+- `PoolState`: one pool_name label, what Prometheus shows. Every pool carrying the label is
+  summed into it (two engines on one database are the connections this process holds to it),
+  and its counters and histograms are theirs together.
+- `EnginePool`: one root engine's place; its pool is read from the live engine
+  (`EnginePool.pool`), so a dispose is noticed at the next checkout or scrape. An engine made by
+  ``engine.execution_options(...)`` shares its parent's pool and events: it is its parent here
+  (`root_engine`), never a pool of its own.
+
+Derive, don't store: a QueuePool counts its idle connections itself (`pool.checkedin()`), and
+that count, read when asked, is the idle gauge; it includes connections opened before the
+monitor attached, and never those of a disposed pool. A pool is live while a watched engine
+uses it now: only live pools' idle connections and bounds are counted.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 
 from .records import TrackedCheckout
 from .stats import PoolStats
@@ -27,9 +41,8 @@ def root_engine(engine: Engine) -> Engine:
         engine = parent
 
 
-def capacity(engine: Engine) -> int | None:
-    """pool_size + max_overflow of the engine's current pool; None when it has no bound."""
-    pool = engine.pool
+def capacity(pool: Pool) -> int | None:
+    """pool_size + max_overflow of a pool; None when it has no bound."""
     if not isinstance(pool, QueuePool):
         return None
     overflow: int = getattr(pool, "_max_overflow", -1)
@@ -45,44 +58,122 @@ class PoolSnapshot(NamedTuple):
 
 
 class PoolState:
-    """One pool name's connections and counters: engines with the same URL share it."""
+    """One pool_name label: the pools that carry it and their counted events, summed."""
 
-    __slots__ = ("checked_out", "db_system", "engines", "idle", "lock", "name", "stats")
+    __slots__ = ("db_system", "engines", "lock", "name", "pools", "stats", "used")
 
     def __init__(self, name: str, db_system: str) -> None:
         self.name = name
         self.db_system = db_system
+        # One lock for the label and its pools: observers get the label's sums in order.
         self.lock = threading.RLock()  # RLock: garbage-collection callbacks may re-enter
-        self.checked_out: dict[int, TrackedCheckout] = {}
-        # Record id -> the engine's entry; the sections use `del`, never calls.
-        self.idle: dict[int, EnginePool] = {}
         self.engines: dict[int, EnginePool] = {}  # the live engines, by id()
-        self.stats = PoolStats()
+        self.pools: dict[int, WatchedPool] = {}  # by id() of the Pool, dropped when collected
+        self.stats = PoolStats()  # `pending` is summed from the pools at scrape time
+        # The size of the pools' checked_out dicts together, changed with them under the lock:
+        # the peak in use is compared with it on every checkout.
+        self.used = 0
 
-    def maximum(self) -> int | None:
-        bounds = [b for entry in list(self.engines.values()) if (b := entry.capacity()) is not None]
+    def live_pools(self) -> list[WatchedPool]:
+        """The pools its engines use now, each once (two engines may share one pool)."""
+        found: dict[int, WatchedPool] = {}
+        for entry in list(self.engines.values()):
+            watched = entry.pool()
+            if watched is not None:
+                found[id(watched)] = watched
+        return list(found.values())
+
+    def maximum(self, live: list[WatchedPool] | None = None) -> int | None:
+        """The live pools' bounds summed; None when none of them has one."""
+        pools = self.live_pools() if live is None else live
+        bounds = [watched.bound for watched in pools if watched.bound is not None]
         return sum(bounds) if bounds else None
+
+    def usage(self) -> tuple[int, int, int, int | None]:
+        """(used, idle, pending, maximum) of the label now: its pools summed."""
+        live = self.live_pools()
+        return (
+            self.used,
+            sum(watched.idle_count() for watched in live),
+            sum(watched.pending for watched in list(self.pools.values())),
+            self.maximum(live),
+        )
+
+
+class WatchedPool:
+    """One SQLAlchemy Pool object: its connections out, its callers waiting, its idle ones."""
+
+    __slots__ = (
+        "__weakref__",
+        "bound",
+        "checked_out",
+        "counts_itself",
+        "idle",
+        "label",
+        "pending",
+        "pool_ref",
+    )
+
+    def __init__(self, pool: Pool, label: PoolState, pool_ref: weakref.ref[Pool]) -> None:
+        self.pool_ref = pool_ref
+        self.label = label
+        self.bound = capacity(pool)  # a pool's size and overflow are fixed when it is made
+        # A QueuePool knows its idle connections; other pools' are followed by their events.
+        self.counts_itself = isinstance(pool, QueuePool)
+        self.checked_out: dict[int, TrackedCheckout] = {}  # record id -> its checkout
+        self.idle: dict[int, None] = {}  # record ids, for pools that do not count themselves
+        self.pending = 0
+
+    def idle_count(self) -> int:
+        pool = self.pool_ref()
+        if pool is None:
+            return 0
+        if self.counts_itself:
+            return pool.checkedin()  # type: ignore[attr-defined, no-any-return]
+        return len(self.idle)
+
+    def will_wait(self, pool: Pool) -> bool:
+        """Whether a caller arriving now finds no connection to take: it is pending."""
+        # The pool's own count includes connections still being opened, which are neither
+        # idle nor checked out yet: callers arriving at a cold pool wait for those too. At the
+        # bound, a QueuePool has no idle connection either (checkedout() counts them out).
+        bound = self.bound
+        return bound is not None and pool.checkedout() >= bound  # type: ignore[attr-defined]
 
 
 class EnginePool:
-    """One root engine's place in its pool name's state; what its listeners are bound to."""
+    """One root engine's place in its label; what its listeners are bound to."""
 
-    __slots__ = ("__weakref__", "engine_ref", "state")
+    __slots__ = ("__weakref__", "current", "engine_ref", "state", "watch")
 
-    def __init__(self, engine: Engine, state: PoolState) -> None:
+    def __init__(
+        self, engine: Engine, state: PoolState, watch: Callable[[PoolState, Pool], WatchedPool]
+    ) -> None:
         self.engine_ref = weakref.ref(engine)
         self.state = state
+        self.current: WatchedPool | None = None  # the watched pool of the engine's pool
+        self.watch = watch
 
-    def capacity(self) -> int | None:
-        engine = self.engine_ref()
-        return None if engine is None else capacity(engine)
+    def pool(self, pool: Pool | None = None) -> WatchedPool | None:
+        """The WatchedPool of the engine's pool now (`pool`, when the caller read it already);
+        None once the engine is collected."""
+        if pool is None:
+            engine = self.engine_ref()
+            if engine is None:
+                return None
+            pool = engine.pool
+        current = self.current
+        if current is not None and current.pool_ref() is pool:
+            return current
+        current = self.current = self.watch(self.state, pool)
+        return current
 
-    def will_wait(self) -> bool:
-        """Whether a caller arriving now finds no connection to take: it is pending."""
-        if self.state.idle:
-            return False  # the common case, answered without asking the pool
-        engine = self.engine_ref()
-        bound = None if engine is None else capacity(engine)
-        # The pool's own count includes connections still being opened, which are neither
-        # idle nor checked out yet: callers arriving at a cold pool wait for those too.
-        return bound is not None and engine.pool.checkedout() >= bound  # type: ignore[union-attr]
+    def holding(self, key: int) -> WatchedPool | None:
+        """The pool of this engine's label a connection record is checked out of, if any."""
+        current = self.current
+        if current is not None and key in current.checked_out:
+            return current
+        for watched in list(self.state.pools.values()):
+            if key in watched.checked_out:
+                return watched
+        return None

@@ -1,6 +1,9 @@
 """Callers waiting for a pooled connection: pending callers, waits that timed out or were
-cancelled, and a request asking for a second connection while it holds one (nested_checkout).
-`PoolTracker` inherits these; its `acquire_started` / `acquire_finished` call them."""
+cancelled, and a request asking a pool for a second connection while it holds one
+(nested_checkout). Each is a matter of one pool object (`WatchedPool`): a caller of an exhausted
+pool waits whatever another pool with the same name has idle, and holding one pool while asking
+another is no nested checkout. `PoolTracker` inherits these; its `acquire_started` /
+`acquire_finished` call them."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ if TYPE_CHECKING:
     from .context import RequestScope
     from .holders import ExhaustionReporter
     from .observer import Fanout
-    from .pool_state import PoolState
+    from .pool_state import PoolState, WatchedPool
     from .sessions import SessionTracker
 
 
@@ -26,13 +29,14 @@ class Waiting:
     exhaustion: ExhaustionReporter
 
     def usage(self, state: PoolState) -> tuple[int, int, int, int | None]:
-        """(used, idle, pending, maximum) of a pool now, without touching the scrape's peak."""
-        maximum = state.maximum()
-        with state.lock:
-            return len(state.checked_out), len(state.idle), state.stats.pending, maximum
+        """(used, idle, pending, maximum) of a pool name now, without touching the scrape's
+        peak: its pools summed."""
+        return state.usage()
 
-    def _check_nested(self, request: RequestScope, state: PoolState) -> None:
-        """A request asking a pool for a connection while one of its sessions holds another."""
+    def _check_nested(self, request: RequestScope, watched: WatchedPool) -> None:
+        """A request asking a pool for a connection while one of its sessions holds another
+        of the same pool."""
+        checked_out = watched.checked_out
         ref = acquiring_session.get()
         orm_session = None if ref is None else ref()
         acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
@@ -40,7 +44,7 @@ class Waiting:
             if session is acquiring or session.closed:
                 continue
             for held in session.checkouts:
-                if not held.returned and held.pool_name == state.name:
+                if not held.returned and checked_out.get(held.record_key) is held:
                     self._sessions.pitfalls.found(
                         "nested_checkout",
                         session,
@@ -50,10 +54,11 @@ class Waiting:
                     )
                     return
 
-    def _pending(self, state: PoolState, delta: int) -> None:
+    def _pending(self, watched: WatchedPool, delta: int) -> None:
         try:
+            state = watched.label
             with state.lock:
-                state.stats.pending += delta
+                watched.pending += delta
                 if delta > 0:
                     state.stats.waited += 1
             if self._emit is not None:
@@ -63,11 +68,12 @@ class Waiting:
         except Exception:
             self._guard.failed("pool_pending")
 
-    def _timed_out(self, state: PoolState, waited: float) -> None:
+    def _timed_out(self, watched: WatchedPool, waited: float) -> None:
         try:
+            state = watched.label
             with state.lock:
                 state.stats.timeouts += 1
-            holders = self._report_exhaustion(state, "timeout", waited)
+            holders = self._report_exhaustion(watched, "timeout", waited)
             if self._emit is not None:
                 ref = acquiring_session.get()
                 orm_session = None if ref is None else ref()
@@ -77,17 +83,24 @@ class Waiting:
         except Exception:
             self._guard.failed("timeout")
 
-    def _wait_cancelled(self, state: PoolState, waited: float) -> None:
+    def _wait_cancelled(self, watched: WatchedPool, waited: float) -> None:
         try:
+            state = watched.label
             with state.lock:
                 state.stats.cancelled += 1
-            self._report_exhaustion(state, "cancelled", waited)
+            self._report_exhaustion(watched, "cancelled", waited)
             if self._emit is not None:
                 self._emit.wait_cancelled(state.name, waited)
         except Exception:
             self._guard.failed("wait_cancelled")
 
-    def _report_exhaustion(self, state: PoolState, kind: str, waited: float) -> tuple[str, ...]:
+    def _report_exhaustion(
+        self, watched: WatchedPool, kind: str, waited: float
+    ) -> tuple[str, ...]:
+        """The exhausted pool's own holders and usage, not those of its name's other pools."""
+        state = watched.label
         with state.lock:
-            held = list(state.checked_out.values())
-        return self.exhaustion.report(state.name, kind, waited, self.usage(state), held)
+            held = list(watched.checked_out.values())
+            pending = watched.pending
+        usage = (len(held), watched.idle_count(), pending, watched.bound)
+        return self.exhaustion.report(state.name, kind, waited, usage, held)

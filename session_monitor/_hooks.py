@@ -15,6 +15,13 @@
   good (``Engine._has_events`` is never reset); these calls happen once per transaction.
 - ``Transaction.close``: a root transaction closed without commit or rollback is rolled back by
   SQLAlchemy; that rollback is the outcome ``close`` (the normal read path), not ``rollback``.
+- ``Connection._handle_dbapi_exception``: a statement failed (there is no event without putting
+  every statement on the slower path); the transaction it failed in ends as ``rollback``. It runs
+  only when a statement fails.
+- ``AsyncSession.close`` (once SQLAlchemy's asyncio extension is imported: it needs greenlet,
+  which we never import): the exception on its way out where the app closes an AsyncSession is
+  seen here; the sync close runs in a greenlet (under ``async with``, in a task of its own),
+  where ``sys.exc_info()`` no longer shows it.
 
 The first law: each wrapper calls the original exactly once, never inside an ``except`` of ours,
 and returns its result or lets its exception through untouched; the monitors' own code is
@@ -42,6 +49,7 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
+from .forgotten_commits import closing_while_leaving, exception_leaving
 from .stacks import Location, application_location, application_stack
 
 
@@ -64,6 +72,7 @@ class Subscriber(NamedTuple):
     transaction_committed: Callable[[Connection], None]
     transaction_rolling_back: Callable[[Connection], None]
     transaction_closing: Callable[[Connection, bool], None]
+    statement_failed: Callable[[Connection], None]
 
 
 class Acquisition(NamedTuple):
@@ -97,8 +106,7 @@ def subscribe(subscriber: Subscriber) -> None:
     with _lock:
         if subscribed(subscriber.owner):
             return
-        if not _subscribers:
-            _install()
+        _install()  # what is not installed yet: the AsyncSession group may be new since
         _subscribers = (*_subscribers, subscriber)
 
 
@@ -272,6 +280,35 @@ def _transaction_close(self: Transaction) -> None:
             subscriber.transaction_closing(connection, False)
 
 
+def _handle_dbapi_exception(self: Connection, *args: Any, **kw: Any) -> Any:
+    # Called inside SQLAlchemy's own except block, only when a statement (or a begin, commit or
+    # rollback) failed; the original re-raises.
+    for subscriber in _subscribers:
+        subscriber.statement_failed(self)
+    return _orig_handle_dbapi_exception(self, *args, **kw)
+
+
+def _async_session_close(self: Any) -> Any:
+    # A plain function that returns the original's coroutine: it runs where the app (or the
+    # session's __aexit__) calls close(), the one place the exception on its way out is seen.
+    try:
+        leaving = bool(_subscribers) and exception_leaving(sys._getframe().f_back)
+    except Exception:  # an unreadable frame only means that no exception is seen
+        leaving = False
+    if not leaving:
+        return _orig_async_session_close(self)
+    return _close_while_leaving(self)
+
+
+async def _close_while_leaving(self: Any) -> Any:
+    # The greenlet that runs the sync close shares this context (SQLAlchemy passes it on).
+    token = closing_while_leaving.set(True)
+    try:
+        return await _orig_async_session_close(self)
+    finally:
+        closing_while_leaving.reset(token)
+
+
 # -- installing them ---------------------------------------------------------------------------
 
 # Each group works only whole: (what it gives, [(class, method, wrapper, module global)]).
@@ -303,9 +340,31 @@ GROUPS: tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]],
             (Connection, "_commit_impl", _commit_impl, "_orig_commit_impl"),
             (Connection, "_rollback_impl", _rollback_impl, "_orig_rollback_impl"),
             (Transaction, "close", _transaction_close, "_orig_transaction_close"),
+            (
+                Connection,
+                "_handle_dbapi_exception",
+                _handle_dbapi_exception,
+                "_orig_handle_dbapi_exception",
+            ),
         ),
     ),
 )
+
+
+def _groups() -> tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]], ...]:
+    """GROUPS, and AsyncSession's once the app has imported SQLAlchemy's asyncio extension."""
+    asyncio_session = sys.modules.get("sqlalchemy.ext.asyncio.session")
+    async_session = getattr(asyncio_session, "AsyncSession", None)
+    if not isinstance(async_session, type):
+        return GROUPS
+    return (
+        *GROUPS,
+        (
+            "an exception on its way out where an AsyncSession closes (uncommitted_changes)",
+            ((async_session, "close", _async_session_close, "_orig_async_session_close"),),
+        ),
+    )
+
 
 # The originals, as module globals: the wrappers run on every checkout and transaction.
 _orig_raw_connection: Any = None
@@ -316,13 +375,15 @@ _orig_begin_impl: Any = None
 _orig_commit_impl: Any = None
 _orig_rollback_impl: Any = None
 _orig_transaction_close: Any = None
+_orig_handle_dbapi_exception: Any = None
+_orig_async_session_close: Any = None
 
 
 def missing() -> list[tuple[str, str]]:
     """(what is lost, the method that is gone) for each group this SQLAlchemy cannot have."""
     return [
         (purpose, f"{cls.__name__}.{name}")
-        for purpose, methods in GROUPS
+        for purpose, methods in _groups()
         for cls, name, _, _ in methods
         if not callable(cls.__dict__.get(name))
     ]
@@ -331,8 +392,10 @@ def missing() -> list[tuple[str, str]]:
 def _install() -> None:
     lacking = {method for _, method in missing()}
     module = sys.modules[__name__]
-    for _, methods in GROUPS:
-        if any(f"{cls.__name__}.{name}" in lacking for cls, name, _, _ in methods):
+    for _, methods in _groups():
+        if any(f"{cls.__name__}.{name}" in lacking for cls, name, _, _ in methods) or any(
+            (cls, name) in _originals for cls, name, _, _ in methods
+        ):
             continue
         for cls, name, wrapper, slot in methods:
             # Read from the class __dict__ so a subclass never captures an inherited wrapper.

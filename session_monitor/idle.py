@@ -5,8 +5,10 @@ sleeps keeps its connection (and its locks) from everyone else: PostgreSQL calls
 transaction". Nothing on the hot path can see it, so a daemon thread samples the holders of
 connections whose transaction has been open longer than one sampling interval (`holders.where_now`)
 and notes since when each was seen anywhere but SQLAlchemy or its driver. Past the threshold it is
-reported once per transaction. With no transaction older than the interval a sample costs one
-pass over the checked-out connections.
+reported once per transaction. A leaked session is not idle in transaction: its holder is gone
+(its request ended) or it was already reported as a leak, and the leak's report is the one fact.
+With no transaction older than the interval a sample costs one pass over the checked-out
+connections.
 """
 
 from __future__ import annotations
@@ -42,15 +44,22 @@ class IdleInTransactionSampler(PeriodicScan):
         now = time.perf_counter()
         for checkout in self._checkouts():
             started = checkout.transaction_started_at
+            owner = checkout.owner
             if (
                 started is None
                 or checkout.returned
-                or checkout.owner is None
+                or owner is None
+                # A leak, already said as one: the same connection is one report, not two.
+                or owner.leak_reason is not None
                 or checkout.idle_reported == started
                 or now - started < self.interval
             ):
                 continue
             _, activity, _ = where_now(checkout)
+            if activity == "leaked":
+                # Its request is over: nobody is coming back to end the transaction, so it is
+                # no idle transaction but a leak, which the request's end reports.
+                continue
             if activity in ("database", "unknown"):
                 checkout.away_since = None
                 continue

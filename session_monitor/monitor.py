@@ -240,6 +240,7 @@ class SessionMonitor:
                 transaction_committed=self._sessions.transaction_committed,
                 transaction_rolling_back=self._sessions.transaction_rolling_back,
                 transaction_closing=self._sessions.transaction_closing,
+                statement_failed=self._sessions.statement_failed,
             )
         )
         self.instrumented = True

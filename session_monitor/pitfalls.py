@@ -14,6 +14,11 @@
 
 Each is counted by (kind, route, method), logged once per (kind, application line), and given
 to observers (a span event under OpenTelemetry); the last ones are kept for the diagnostics page.
+
+A session that joins a transaction its Connection's owner began is neither ``shared_session`` nor
+``uncommitted_changes``: SQLAlchemy's recipe for test suites binds one session to the test's
+outer connection and hands it to every request of the test; the test, not the request, decides
+what happens to the data.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
+from sqlalchemy.engine import Connection
+
 from .naming import NO_REQUEST
 from .stacks import Location, format_location
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from .observer import Fanout
     from .records import SessionView, TrackedSession
     from .stats import SessionStats
@@ -58,6 +67,32 @@ _ADVICE = {
         "request's session (pass it down), or release the first connection before."
     ),
 }
+
+
+def joining_outer_transaction(orm_session: Session, bind: object) -> bool:
+    """Whether the session, about to take `bind`, joins a transaction the Connection's owner
+    began (in a savepoint or as rollback-only) rather than beginning its own. ("control_fully"
+    hands the outer transaction over: the session then owns it.)"""
+    return (
+        isinstance(bind, Connection)
+        and bind.in_transaction()
+        and orm_session.join_transaction_mode != "control_fully"
+    )
+
+
+def joins_outer_transaction(orm_session: Session) -> bool:
+    """The same, of the transaction the session is in now: it took a Connection it does not
+    close, and either may not commit (rollback-only) or holds a savepoint in the Connection's
+    transaction rather than that transaction itself."""
+    root = orm_session.get_transaction()
+    if root is None:
+        return False
+    for connection, transaction, should_commit, closes_connection in root._connections.values():
+        if not closes_connection and (
+            not should_commit or transaction is not connection.get_transaction()
+        ):
+            return True
+    return False
 
 
 class Pitfall(NamedTuple):

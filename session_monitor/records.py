@@ -126,6 +126,7 @@ class TrackedCheckout:
     # come next is Transaction.close()'s (outcome "close") rather than the app's.
     transaction_started_at: float | None = None
     transaction_closing = False
+    statement_failed = False  # in this transaction: its end is a rollback unless committed
     connection_key: int | None = None  # id() of the Connection that began it
     proxy_key: int | None = None  # id() of the pool's connection proxy
     task_ref: weakref.ref[Any] | None = None  # the holder's asyncio task, weakly

@@ -34,7 +34,7 @@ from .idle import idle_message
 from .leaks import LeakDetector
 from .naming import NO_REQUEST
 from .observer import Fanout
-from .pitfalls import PitfallDetector
+from .pitfalls import PitfallDetector, joining_outer_transaction
 from .records import (
     SessionKind,
     SessionView,
@@ -133,6 +133,8 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
                     and opened_in is not None
                     and request is not opened_in
                     and tracked.shared_in is not request
+                    # A test's session on its outer connection, handed to each request.
+                    and not joining_outer_transaction(orm_session, bind)
                 ):
                     tracked.shared_in = request
                     self.pitfalls.found(

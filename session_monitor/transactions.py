@@ -1,6 +1,12 @@
 """Transactions, ORM and Core alike: one per connection, from begin to commit, rollback or close
 (the outcome), as the Connection and Transaction hooks (`_hooks.py`) report them.
-`SessionTracker` inherits these: a transaction is counted for the session holding its connection."""
+`SessionTracker` inherits these: a transaction is counted for the session holding its connection.
+
+`close` is the normal read path: a transaction ended without commit() or rollback(), by close(),
+a `with` or `async with` block's end, or the pool taking its connection back. A transaction in
+which a statement failed (an IntegrityError, a deadlock...) and that was not committed ends as
+`rollback` however it ends: the database threw its work away, which is what an operator counts
+rollbacks for."""
 
 from __future__ import annotations
 
@@ -58,6 +64,14 @@ class TransactionTracking:
         except Exception:
             self._guard.failed("transaction_rollback")
 
+    def statement_failed(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and checkout.transaction_started_at is not None:
+                checkout.statement_failed = True
+        except Exception:
+            self._guard.failed("statement_failed")
+
     def transaction_closing(self, connection: Connection, closing: bool) -> None:
         """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
         try:
@@ -73,6 +87,7 @@ class TransactionTracking:
             self.end_transaction(checkout, "close")
         checkout.transaction_started_at = perf_counter()
         checkout.transaction_closing = False
+        checkout.statement_failed = False
         owner = checkout.owner
         if owner is not None:
             owner.transaction_count += 1
@@ -82,8 +97,11 @@ class TransactionTracking:
         if started is None:
             return
         duration = perf_counter() - started
+        if outcome == "close" and checkout.statement_failed:
+            outcome = "rollback"
         checkout.transaction_started_at = None
         checkout.transaction_closing = False
+        checkout.statement_failed = False
         owner = checkout.owner
         if owner is None:
             return

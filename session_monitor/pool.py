@@ -424,7 +424,10 @@ _trackers: weakref.WeakSet[PoolTracker] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for tracker in list(_trackers):
-        tracker.forked()
+        try:
+            tracker.forked()
+        except Exception:
+            tracker._guard.failed("fork")
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork

@@ -36,6 +36,7 @@ is not installed, the monitors say so once, and everything else works (see `miss
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import weakref
@@ -108,6 +109,14 @@ def subscribe(subscriber: Subscriber) -> None:
             return
         _install()  # what is not installed yet: the AsyncSession group may be new since
         _subscribers = (*_subscribers, subscriber)
+
+
+def install_new_groups() -> None:
+    """Install a group that became possible since the subscribers came: the AsyncSession one,
+    once the app imports SQLAlchemy's asyncio extension (before its first AsyncEngine)."""
+    with _lock:
+        if _subscribers:
+            _install()
 
 
 def unsubscribe(owner: object) -> None:
@@ -298,6 +307,11 @@ def _async_session_close(self: Any) -> Any:
     if not leaving:
         return _orig_async_session_close(self)
     return _close_while_leaving(self)
+
+
+# Still a coroutine function to `inspect` (3.12+), as the original is.
+if hasattr(inspect, "markcoroutinefunction"):
+    inspect.markcoroutinefunction(_async_session_close)
 
 
 async def _close_while_leaving(self: Any) -> Any:

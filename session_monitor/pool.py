@@ -28,7 +28,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from ._hooks import Acquisition, acquiring_session, in_greenlet
+from ._hooks import Acquisition, acquiring_session, in_greenlet, install_new_groups
 from ._listeners import Guard
 from .context import current_request, serving_no_request
 from .holders import ExhaustionReporter
@@ -106,6 +106,8 @@ class PoolTracker(ConnectionLifecycle, Waiting):
             state.engines[id(engine)] = entry
             weakref.finalize(engine, self._engine_collected, id(engine), entry)
         entry.pool()  # watched from now: the idle connections it has already are counted
+        if engine.dialect.is_async:
+            install_new_groups()  # the asyncio extension is imported now, perhaps only now
         for added in self.engine_added:
             added(engine)
         if self._emit is not None:

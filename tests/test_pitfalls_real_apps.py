@@ -5,6 +5,8 @@ operator reads them. SQLite and PostgreSQL; aiosqlite and asyncpg where the code
 # No `from __future__ import annotations`: FastAPI must resolve endpoints' local annotations.
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -407,3 +409,63 @@ def test_a_failed_core_insert_closed_by_with_is_a_rollback(
     with engine.connect() as connection:
         connection.execute(text("select 1"))
     assert outcomes(registry) == {"commit": 1, "rollback": 2, "close": 1}
+
+
+ASYNC_AFTER_MONITOR = """
+import asyncio, sys
+from prometheus_client import CollectorRegistry
+from session_monitor import SessionMonitor
+
+registry = CollectorRegistry()
+monitor = SessionMonitor(registry=registry)  # every engine, built before any asyncio import
+assert "sqlalchemy.ext.asyncio" not in sys.modules
+
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+class Base(DeclarativeBase):
+    pass
+
+class Note(Base):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+async def main():
+    engine = create_async_engine(sys.argv[1])
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    Maker = async_sessionmaker(engine)
+    for exception_leaves in (True, False):
+        try:
+            async with Maker() as session:
+                session.add(Note())
+                await session.flush()
+                if exception_leaves:
+                    raise LookupError("refused after a write: the rollback is the point")
+        except LookupError:
+            pass
+    await engine.dispose()
+
+asyncio.run(main())
+value = registry.get_sample_value(
+    "sqlalchemy_session_pitfalls_total",
+    {"kind": "uncommitted_changes", "route": "<none>", "method": "<none>"},
+)
+print(value)
+"""
+
+
+def test_an_async_session_closed_by_an_exception_is_silent_with_a_monitor_built_first(
+    tmp_path: Path,
+) -> None:
+    # A monitor for every engine built before the app imports SQLAlchemy's asyncio extension
+    # still learns how an AsyncSession's async with ended: the hook comes with the first
+    # AsyncEngine. A fresh interpreter, since this one imported the extension long ago.
+    url = f"sqlite+aiosqlite:///{tmp_path / 'notes.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", ASYNC_AFTER_MONITOR, url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    # The forgotten commit (no exception) is caught, the block an exception left is not.
+    assert float(done.stdout.strip().splitlines()[-1]) == 1, done.stdout + done.stderr

@@ -62,7 +62,11 @@ class SessionMonitorMiddleware:
             if diagnostics is not None and diagnostics.handles(path):
                 await diagnostics(scope, receive, send, path)
                 return
-        if path in monitor.config.excluded_paths:
+        outer = current_request.get()
+        if path in monitor.config.excluded_paths or (
+            # A mounted app instrumented too: the request is already the outer app's.
+            outer is not None and outer.asgi_scope_id == id(scope)
+        ):
             await self.app(scope, receive, send)
             return
         request = RequestScope(scope)  # type: ignore[arg-type]

@@ -355,3 +355,24 @@ def test_lifespan_work_is_no_blocking_pitfall(
     finally:
         monitor.uninstrument()
     assert served == [1]
+
+
+async def test_a_mounted_app_instrumented_too_is_one_request(
+    make_engine: Any, sqlite_url: str, registry: CollectorRegistry, tmp_path: Path,
+    labels: list[str],
+) -> None:
+    engine = make_engine(sqlite_url)
+    app = build(engine, tmp_path)
+    sub = next(route.app for route in app.routes if getattr(route, "path", "") == "/subapi")
+    monitor = SessionMonitor(engine, registry=registry)
+    monitor.instrument_app(app)
+    monitor.instrument_app(sub)  # an app that instruments each FastAPI it builds
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            assert (await http.get("/subapi/sub/1")).status_code == 200
+        route = {"route": "/subapi/sub/{x}", "method": "GET"}
+        assert sample(registry, "sqlalchemy_sessions_opened_total", **route) == 1
+    finally:
+        monitor.uninstrument()
+    assert labels == ["/subapi/sub/{x}"]

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -161,3 +162,25 @@ def build_app(engine: Engine) -> TestApp:
         return "a session that never touches the database"
 
     return TestApp(app, leaked, get_db)
+
+
+def dependencies_exit_before_streaming() -> bool:
+    """Whether this FastAPI ends yield dependencies before a StreamingResponse's body runs."""
+    order: list[str] = []
+    app = FastAPI()
+
+    def dependency() -> Iterator[None]:
+        yield
+        order.append("dependency exit")
+
+    @app.get("/")
+    def endpoint(_: Annotated[None, Depends(dependency)]) -> StreamingResponse:
+        def body() -> Iterator[bytes]:
+            order.append("body")
+            yield b""
+
+        return StreamingResponse(body())
+
+    with TestClient(app) as http:
+        http.get("/")
+    return order[0] == "dependency exit"

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 from test_pytest_plugin import ENGINE_CONFTEST, opening_line, teardown_errors
 
 from session_monitor import ConfigurationError, SessionMonitor
@@ -232,7 +233,11 @@ async def test_an_asyncio_pool_timeout_shows_where_the_holder_is(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(
-        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", pool_size=1, max_overflow=0, pool_timeout=0.2
+        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+        poolclass=AsyncAdaptedQueuePool,  # SQLAlchemy 2.0 gives aiosqlite a NullPool otherwise
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.2,
     )
     make_monitor(engine, registry=registry)
     held, release = asyncio.Event(), asyncio.Event()
@@ -264,7 +269,11 @@ async def test_a_holder_task_that_has_ended_is_not_where_the_waiter_is(
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(
-        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", pool_size=1, max_overflow=0, pool_timeout=0.2
+        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+        poolclass=AsyncAdaptedQueuePool,  # SQLAlchemy 2.0 gives aiosqlite a NullPool otherwise
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=0.2,
     )
     monitor = make_monitor(engine, registry=registry)
     kept = []

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _apps import build_app
+from _apps import build_app, dependencies_exit_before_streaming
 from conftest import sample, total
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, text
@@ -106,6 +106,8 @@ async def test_every_way_of_making_a_session_is_tracked(
 
     for route in ("/plain", "/async-dep", "/core", "/async-items/{item_id}", "/stream"):
         assert sample(registry, "sqlalchemy_sessions_opened_total", route=route, method="GET") == 1
+        if route == "/stream":
+            gc.collect()  # where get_db closed before the body ran, the body's session is dropped
         assert sample(registry, "sqlalchemy_sessions_closed_total", route=route, method="GET") == 1
     # The background task's session belongs to the request that queued it.
     assert route_count(registry, "sqlalchemy_sessions_opened_total", "/background") == 1
@@ -121,10 +123,19 @@ async def test_every_way_of_making_a_session_is_tracked(
         route_count(registry, "sqlalchemy_transactions_total", "/core/commit", outcome="commit")
         == 1
     )
-    assert route_count(registry, "sqlalchemy_transactions_total", "/stream", outcome="commit") == 1
     assert total(registry, "sqlalchemy_transactions_total", outcome="rollback") == 0
-    assert total(registry, "sqlalchemy_sessions_leaked_total") == 0
+    if dependencies_exit_before_streaming():
+        # Some FastAPI releases (0.110, the oldest supported, among them) end a yield
+        # dependency before the response body runs: get_db has committed and closed an untouched
+        # session, the body opens it again, and nothing closes it. A real leak on those.
+        assert route_count(registry, "sqlalchemy_transactions_total", "/stream", outcome="close") == 1
+        assert sample(registry, "sqlalchemy_sessions_leaked_total", route="/stream", method="GET", reason="request_end") == 1
+        assert total(registry, "sqlalchemy_sessions_leaked_total") == 1
+    else:
+        assert route_count(registry, "sqlalchemy_transactions_total", "/stream", outcome="commit") == 1
+        assert total(registry, "sqlalchemy_sessions_leaked_total") == 0
     assert_balanced(registry)
+
 
 
 async def test_request_end_leaks_counted_once_and_logged_with_location(

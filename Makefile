@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints/newest.txt
 	touch $@
 
 # The oldest end: each dependency at its declared floor (SQLAlchemy 2.0, FastAPI 0.110 with its
-# Starlette, OpenTelemetry 1.27, ...). The test extra only: the dev tools need newer releases.
+# Starlette, OpenTelemetry 1.30, ...). The test extra only: the dev tools need newer releases.
 $(OLDEST)/.installed: pyproject.toml constraints/oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet --upgrade pip

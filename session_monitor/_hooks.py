@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import threading
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -51,6 +50,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
 from .forgotten_commits import closing_while_leaving, exception_leaving
+from .forking import new_lock
 from .stacks import Location, application_location, application_stack
 
 
@@ -94,7 +94,7 @@ _CONNECTION_INIT = Connection.__init__.__code__
 _new_tuple = tuple.__new__
 
 _subscribers: tuple[Subscriber, ...] = ()
-_lock = threading.Lock()
+_lock = new_lock()  # free again in a forked child
 _originals: dict[tuple[type, str], Any] = {}
 
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any, NamedTuple
 
+from .forking import Stage, in_child, new_lock
 from .records import TrackedCheckout
 from .stacks import Location, application_frames, application_stack, format_location
 
@@ -244,7 +245,15 @@ class ExhaustionReporter:
         self.recent: deque[PoolEvent] = deque(maxlen=keep)
         self._last_logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
+        in_child(Stage.FORGET, self.forked)
+
+    def forked(self) -> None:
+        """In a forked child: the parent's pool events are the parent's; the child's first
+        exhaustion is logged."""
+        self.recent.clear()
+        self._last_logged = {}
+        self._unlogged = {}
 
     def report(
         self,

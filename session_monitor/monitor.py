@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from .config import (
 )
 from .context import RequestScope
 from .diagnostics import DiagnosticsApp
+from .forking import Stage, in_child, new_lock
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
 from .idle import IdleInTransactionSampler
 from .leaks import AgeWatcher
@@ -114,7 +114,10 @@ class SessionMonitor:
             )
         self.registry = registry
         self._errors: dict[str, int] = {}
-        self._errors_lock = threading.Lock()
+        self._errors_lock = new_lock()
+        # First of this monitor's owners in a forked child: the failures of the others there
+        # are the child's own.
+        in_child(Stage.FORGET, self._forked)
         self._guard = Guard(self._count_internal_error)
         # Everything that can fail comes before `instrument()`, the one step that leaves a
         # trace outside this object.
@@ -298,6 +301,9 @@ class SessionMonitor:
         for observer in self.observers:
             with contextlib.suppress(Exception):
                 observer.internal_error(listener)
+
+    def _forked(self) -> None:
+        self._errors = {}  # a forked child counts from zero, as a new process (`forking.py`)
 
     def _error_counts(self) -> dict[str, int]:
         with self._errors_lock:

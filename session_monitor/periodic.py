@@ -5,15 +5,15 @@ on: a bug in a scan must not end the age watcher or the idle sampler for good.
 
 ``os.fork()`` copies only the thread that calls it: a forked child (gunicorn's preload, a
 multiprocessing worker) would have the monitor without its threads. Each running scan starts
-its thread again in the child (`os.register_at_fork`).
+its thread again in the child (`forking.py`).
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from collections.abc import Callable
+
+from .forking import Stage, in_child
 
 
 class PeriodicScan:
@@ -26,6 +26,8 @@ class PeriodicScan:
         self._on_error = on_error
         self._stop = threading.Event()
         self._thread = self._new_thread()
+        self._running = False
+        in_child(Stage.THREADS, self.restart_in_child)
 
     def _new_thread(self) -> threading.Thread:
         return threading.Thread(
@@ -34,20 +36,25 @@ class PeriodicScan:
 
     def start(self) -> None:
         self._thread.start()
-        _running.add(self)
+        self._running = True
 
     def stop(self) -> None:
-        _running.discard(self)
+        self._running = False
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
     def restart_in_child(self) -> None:
-        # New objects: the parent's thread is gone here, and the event's lock may have been
-        # held by it at the fork.
-        self._stop = threading.Event()
-        self._thread = self._new_thread()
-        self._thread.start()
+        if not self._running:
+            return
+        try:
+            # New objects: the parent's thread is gone here, and the event's lock may have
+            # been held by it at the fork.
+            self._stop = threading.Event()
+            self._thread = self._new_thread()
+            self._thread.start()
+        except Exception:
+            self._on_error(self.name)
 
     def _run(self) -> None:
         stop = self._stop  # this thread's own: a forked child's thread waits on a new one
@@ -57,18 +64,3 @@ class PeriodicScan:
             except Exception:
                 self._on_error(self.name)
 
-
-# The scans started and not stopped; a scan whose monitor is gone leaves by itself.
-_running: weakref.WeakSet[PeriodicScan] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for scan in list(_running):
-        try:
-            scan.restart_in_child()
-        except Exception:
-            scan._on_error(scan.name)
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -8,14 +8,12 @@ connections (`pool.checkedin()`), so a disposed pool, or one an engine collected
 drops out of the gauges by itself.
 
 In a forked child (gunicorn's preload) the connections out and the callers waiting are the
-parent's: the child forgets them (`os.register_at_fork`), and its pools, once it disposes them
-as SQLAlchemy recommends, are new objects.
+parent's: the child forgets them and counts from zero (`forking.py`), and its pools, once it
+disposes them as SQLAlchemy recommends, are new objects.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 import weakref
 from asyncio import CancelledError
 from bisect import bisect_left
@@ -31,6 +29,7 @@ from sqlalchemy.pool import Pool
 from ._hooks import Acquisition, acquiring_session, in_greenlet, install_new_groups
 from ._listeners import Guard
 from .context import current_request, serving_no_request
+from .forking import Stage, in_child, new_lock
 from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
@@ -39,6 +38,7 @@ from .pool_state import EnginePool, PoolSnapshot, PoolState, WatchedPool, root_e
 from .pool_waits import Waiting
 from .records import TrackedCheckout
 from .sessions import SessionTracker
+from .stats import PoolStats
 
 
 class PoolTracker(ConnectionLifecycle, Waiting):
@@ -63,12 +63,14 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         # watched. One dict lookup per acquisition.
         self._engines: dict[int, EnginePool | None] = {}
         self._states: dict[str, PoolState] = {}
-        self._lock = threading.Lock()
+        self._lock = new_lock()
         self.engine_added: list[Callable[[Engine], None]] = []  # e.g. OpenTelemetry's listeners
         # False after uninstrument(): the listeners stay, doing nothing (see `stop_following`).
         self.following = True
         self.exhaustion = ExhaustionReporter(timeout_log_interval)
-        _trackers.add(self)
+        in_child(Stage.FORGET, self.forked)
+        if observers is not None:
+            in_child(Stage.PUBLISH, self.publish_forked)
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -174,21 +176,33 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         self.following = True
 
     def forked(self) -> None:
-        """In a forked child, before anything else runs: the connections out and the callers
-        waiting are the parent's (only the thread that forked goes on here). Each connection
-        out is counted back with its use so far, so checkouts = checkins + used holds in the
-        child too, and marked returned: the age watcher no longer looks at it. Nothing else
-        is called: a lock another thread of the parent held would never be released here."""
-        self._lock = threading.Lock()
-        now = perf_counter()
-        for state in list(self._states.values()):
-            state.lock = threading.RLock()
-            for watched in list(state.pools.values()):
-                watched.pending = 0
-                for key in list(watched.checked_out):
-                    checkout = self._release(watched, key, False, now)
-                    if checkout is not None:
+        """In a forked child, before anything else runs there: the connections out and the
+        callers waiting are the parent's (only the thread that forked goes on here), and the
+        child counts from zero, as a new process. Each connection out is marked returned: the
+        age watcher and the checkin no longer look at it. Idle connections and bounds are read
+        from the live pools, as always."""
+        try:
+            for state in list(self._states.values()):
+                state.stats = PoolStats()
+                state.used = 0
+                for watched in list(state.pools.values()):
+                    watched.pending = 0
+                    for checkout in list(watched.checked_out.values()):
                         checkout.returned = True
+                    watched.checked_out.clear()
+        except Exception:
+            self._guard.failed("fork")
+
+    def publish_forked(self) -> None:
+        """In a forked child, from a thread of its own (`forking.py`): the observers last heard
+        the parent's pools; an OpenTelemetry SDK set up before the fork holds those sizes."""
+        try:
+            for state in list(self._states.values()):
+                self._publish_capacity(state)
+                with state.lock:
+                    self._publish_usage(state)
+        except Exception:
+            self._guard.failed("fork")
 
     def snapshot(self) -> list[PoolSnapshot]:
         """For a scrape: the peak in use starts again from the number in use now."""
@@ -419,18 +433,3 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         if checkout.owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
 
-
-# Every tracker, for the fork handler; a tracker dropped by its monitor leaves by itself.
-_trackers: weakref.WeakSet[PoolTracker] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for tracker in list(_trackers):
-        try:
-            tracker.forked()
-        except Exception:
-            tracker._guard.failed("fork")
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)

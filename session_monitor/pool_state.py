@@ -20,7 +20,6 @@ uses it now: only live pools' idle connections and bounds are counted.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,6 +27,7 @@ from typing import NamedTuple
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
+from .forking import new_rlock
 from .records import TrackedCheckout
 from .stats import PoolStats
 
@@ -66,7 +66,8 @@ class PoolState:
         self.name = name
         self.db_system = db_system
         # One lock for the label and its pools: observers get the label's sums in order.
-        self.lock = threading.RLock()  # RLock: garbage-collection callbacks may re-enter
+        # RLock: garbage-collection callbacks may re-enter. Free again in a forked child.
+        self.lock = new_rlock()
         self.engines: dict[int, EnginePool] = {}  # the live engines, by id()
         self.pools: dict[int, WatchedPool] = {}  # by id() of the Pool, dropped when collected
         self.stats = PoolStats()  # `pending` is summed from the pools at scrape time

@@ -8,13 +8,15 @@ and is not counted. A transaction belongs to a connection, from begin to its end
 
 The hooks (`_hooks`) call the ``session_*`` and ``transaction_*`` methods here directly; each
 guards itself and never raises.
+
+A forked child's sessions are its own: those open at the fork are the parent's, and the child
+forgets them (`forked`) rather than close, leak or count them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from ._listeners import Guard
 from .config import MonitorConfig
 from .context import RequestScope, current_request
 from .forgotten_commits import ForgottenCommits
+from .forking import Stage, in_child, new_rlock
 from .idle import idle_message
 from .leaks import LeakDetector
 from .naming import NO_REQUEST
@@ -68,7 +71,7 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         self._collected_callback = self._collected
         # Guards the counters and each record's closed and leak_reason. Reentrant: a garbage
         # collection during a snapshot's copies may close a collected session.
-        self.lock = threading.RLock()
+        self.lock = new_rlock()
         self._stats: dict[tuple[str, str], SessionStats] = {}
         self.leaks = LeakDetector(self.lock, observers, config.log_leaks)
         self.pitfalls = PitfallDetector(self.lock, observers, config.log_leaks)
@@ -80,6 +83,7 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         self._by_connection: dict[int, TrackedCheckout] = {}
         # Set by the monitor once the pool tracker exists: an engine's pool entry, or None.
         self.entry_for: Callable[[Engine], EnginePool | None] = lambda engine: None
+        in_child(Stage.FORGET, self.forked)
 
     @property
     def live_sessions(self) -> int:
@@ -261,6 +265,29 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
             logger.warning(idle_message(checkout, away))
         if self._emit is not None:
             self._emit.session_idle_in_transaction(owner.view, away)
+
+    def forked(self) -> None:
+        """In a forked child, before anything else runs there: the sessions open at the fork
+        are the parent's, whichever thread held them (only the thread that forked goes on
+        here). The child forgets them: it never counts them closed, never reports them leaked
+        when its copies are dropped or collected, and counts from zero, as a new process, so
+        opened = closed + active holds with its own sessions alone."""
+        try:
+            owners = [checkout.owner for checkout in self._by_proxy.values()]
+            for tracked in [*self._live.values(), *owners]:
+                if tracked is not None:
+                    tracked.closed = True  # what every hook and detector skips
+                    # Its weak reference goes, and with it the collector's callback.
+                    tracked.session_ref = None
+            self._live.clear()
+            self._by_session.clear()
+            self._by_proxy.clear()
+            self._by_connection.clear()
+            self._stats = {}
+            self.leaks.recent.clear()
+            self.pitfalls.recent.clear()
+        except Exception:
+            self._guard.failed("fork")
 
     def stop_following(self) -> None:
         """At uninstrument, after the pools have counted their connections back: sessions

@@ -26,12 +26,13 @@ import os
 import site
 import sys
 import sysconfig
-import threading
 from collections.abc import Iterable
 from types import FrameType
 from typing import NamedTuple
 
 import sqlalchemy
+
+from .forking import new_rlock
 
 Location = tuple[str, int, str]  # filename, line number, function
 
@@ -41,7 +42,7 @@ _SITE_DIRECTORY_NAMES = ("site-packages", "dist-packages")
 _kinds: dict[str, int] = {}  # file name -> its kind; the only thing the hot path reads
 # For a file seen the first time and for new library_packages; re-entrant because a garbage
 # collection inside it may run a weak-reference callback that walks a stack.
-_lock = threading.RLock()
+_lock = new_rlock()  # free again in a forked child
 _named: set[str] = set()  # every library_packages given to a monitor in this process
 
 

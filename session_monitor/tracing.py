@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import Engine
 
 from . import __version__
+from .forking import Stage, in_child
 from .otel_instruments import Instruments
 from .otel_spans import (
     CODE_FILE_PATH,
@@ -94,6 +95,13 @@ class OpenTelemetryObserver:
         self._spans: dict[int, SessionSpan] = {}
         # While a statement of a session runs, the session's span is current.
         self.statements = StatementContext(self._spans)
+        in_child(Stage.FORGET, self.forked)
+
+    def forked(self) -> None:
+        """In a forked child: the spans open at the fork are the parent's sessions', which the
+        parent ends and exports; the child never touches them (nor their locks, which a thread
+        of the parent may have held). The pool sizes are published again by the pool tracker."""
+        self._spans.clear()
 
     def bind(
         self,

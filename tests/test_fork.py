@@ -16,6 +16,7 @@ import asyncio
 import gc
 import importlib
 import json
+import multiprocessing
 import os
 import select
 import signal
@@ -389,3 +390,42 @@ def test_opentelemetry_in_the_child_shows_the_childs_pool_and_not_the_parents_sp
     assert numbers["spans"] == ["db.session"]  # its own session's only
     session.close()
     assert otel_gauges() == [3, 0]
+
+
+# -- multiprocessing's fork start method -------------------------------------------------------
+
+
+def _worker(engine: Engine, registry: CollectorRegistry, report: Any) -> None:
+    engine.dispose(close=False)
+    with Session(engine) as session:
+        session.execute(text("select 1"))
+    report.send(counts(registry))
+
+
+def test_a_multiprocessing_worker_forked_while_a_thread_holds_a_lock(
+    sqlite_url: str,
+    registry: CollectorRegistry,
+    make_engine: Callable[..., Engine],
+    make_monitor: Callable[..., SessionMonitor],
+) -> None:
+    engine = make_engine(sqlite_url, pool_size=2, max_overflow=0)
+    monitor = make_monitor(engine, registry=registry)
+    with Session(engine) as session:
+        session.execute(text("select 1"))
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    holder = HeldByAnotherThread(monitor._sessions.lock)
+    try:
+        worker = context.Process(target=_worker, args=(engine, registry, send))
+        worker.start()
+        worker.join(CHILD_TIMEOUT)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+            pytest.fail(f"the worker did not finish within {CHILD_TIMEOUT:g}s: it hangs")
+    finally:
+        holder.release()
+    assert worker.exitcode == 0
+    numbers = receive.recv()
+    assert numbers["opened"] == numbers["closed"] == 1  # its own session, not the parent's
+    assert numbers["active"] == numbers["leaked"] == numbers["errors"] == 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,9 @@ from sqlalchemy.pool import QueuePool
 
 from session_monitor import SessionMonitor
 
+ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_ENV = "SESSION_MONITOR_TEST_POSTGRES_URL"
+SUITE_UNAVAILABLE = 3  # a bed's exit code when its suite cannot be fetched (tests/sdist_suite/)
 
 
 @pytest.fixture
@@ -90,3 +95,26 @@ def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 found += s.value
     return found
+
+
+def run_bed(tmp_path: Path, module: str, *args: str, timeout: float, suite: str) -> None:
+    """Run a bed (``python -m <module>``: a project's own test suite without and with the
+    monitor, tests/sdist_suite/) in a subprocess, so no hook of the monitor touches this process.
+    Skips when `suite` could not be obtained (no network), fails with the bed's report."""
+    summary_path = tmp_path / "summary.json"
+    command = [sys.executable, "-m", module, "--summary-json", str(summary_path), *args]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode == SUITE_UNAVAILABLE:
+        pytest.skip(f"{suite} could not be obtained: {done.stderr.strip()}")
+    if done.returncode == 0:
+        return
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        pytest.fail("\n".join(summary["report"]), pytrace=False)
+    output = (done.stdout + done.stderr).strip().splitlines()
+    pytest.fail(
+        f"{' '.join(command)} exited {done.returncode}:\n" + "\n".join(output[-30:]),
+        pytrace=False,
+    )

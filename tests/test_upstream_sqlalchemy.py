@@ -9,39 +9,25 @@ so the monitor's hooks never touch this process. The suite is fetched once with 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bed
 
-ROOT = Path(__file__).resolve().parents[1]
 # About 2 minutes on SQLite and 1.5 on PostgreSQL on 2 cores; the limit is for a hung run only.
 TIMEOUT = 1800
-SUITE_UNAVAILABLE = 3
 
 pytestmark = [pytest.mark.upstream, pytest.mark.slow]
 
 
 def compare(tmp_path: Path, *args: str) -> None:
-    summary_path = tmp_path / "summary.json"
-    command = [sys.executable, "-m", "tests.upstream.run", "--compare"]
-    command += ["--summary-json", str(summary_path), *args]
-    done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, check=False
-    )
-    if done.returncode == SUITE_UNAVAILABLE:
-        pytest.skip(f"SQLAlchemy's test suite could not be obtained: {done.stderr.strip()}")
-    if done.returncode == 0:
-        return
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        pytest.fail("\n".join(summary["report"]), pytrace=False)
-    output = (done.stdout + done.stderr).strip().splitlines()
-    pytest.fail(
-        f"{' '.join(command)} exited {done.returncode}:\n" + "\n".join(output[-30:]),
-        pytrace=False,
+    run_bed(
+        tmp_path,
+        "tests.upstream.run",
+        "--compare",
+        *args,
+        timeout=TIMEOUT,
+        suite="SQLAlchemy's test suite",
     )
 
 

@@ -5,54 +5,50 @@
 The tests are those released with the *installed* FastAPI (``fastapi.__version__``): its sdist,
 fetched once with pip and cached under ``.cache/fastapi_tutorials/``, holds ``tests/test_tutorial/``
 and the tutorial apps they import (``docs_src/``). Only those two folders are extracted, never
-the sdist's ``fastapi/``, and ``tutorial_routes.py`` refuses a run whose ``fastapi`` is not the
-installed one. The chosen tutorials are those of an app with a database or a request's life
-around it: SQL databases, bigger applications, dependencies, events and lifespan, WebSockets,
-sub-applications, behind a proxy, background tasks, middleware, testing dependencies.
+the sdist's ``fastapi/``, and the outcomes plugin refuses a run whose ``fastapi`` is not the
+installed one (``tests/sdist_suite/``: what this bed shares with SQLAlchemy's). The chosen
+tutorials are those of an app with a database or a request's life around it: SQL databases,
+bigger applications, dependencies, events and lifespan, WebSockets, sub-applications, behind a
+proxy, background tasks, middleware, testing dependencies.
 
 Both runs enable FastAPI's own telemetry (a tracer provider that exports nowhere), so FastAPI
 reports the route of every request it serves. The second run adds one ``SessionMonitor()``
-watching every engine (``tests/upstream/inject.py``) and instruments every app the tests build
-(``tutorial_apps.py``). It fails (exit 1) if any test's outcome differs, if FastAPI's own view of
-the requests differs, if the monitor counted or logged an internal error or logged any WARNING,
-or if a request's route label is not the route FastAPI reports for it. Exit 3: the tests could
-not be obtained (no network, or an sdist without them); 4: a run crashed.
+watching every engine (``tests/sdist_suite/plugins/inject.py``) and instruments every app the
+tests build (``tutorial_apps.py``). It fails (exit 1) if any test's outcome differs, if FastAPI's
+own view of the requests differs, if the monitor counted or logged an internal error or logged
+any WARNING, or if a request's route label is not the route FastAPI reports for it. Exit 3: the
+tests could not be obtained (no network, or an sdist without them); 4: a run crashed.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import importlib.util
 import json
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import time
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from tests.upstream.run import (
+from tests.sdist_suite.obtain import SuiteUnavailable, exclusive, obtain_suite
+from tests.sdist_suite.runs import (
+    ROOT,
     Comparison,
     Run,
     RunCrashed,
-    SuiteUnavailable,
+    change_lines,
     compare,
-    exclusive,
-    monitor_lines,
+    run_lines,
+    run_suite,
+    runs_summary,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "fastapi_tutorials"
-# The plugins are loaded as top-level modules from their folders: FastAPI's suite is a package
-# named `tests` too, and must be the one its modules' `from tests.utils import ...` finds.
-PLUGIN_DIRS = (ROOT / "tests" / "upstream", ROOT / "tests" / "fastapi_tutorials")
+# This bed's plugins are loaded as top-level modules from this folder: FastAPI's suite is a
+# package named `tests` too, and must be the one its modules' `from tests.utils import ...` finds.
+PLUGIN_DIR = Path(__file__).resolve().parent
+ROUTES = "tutorial_routes"  # both runs: the requests FastAPI served, with FastAPI's routes
+APPS = "tutorial_apps"  # with the monitor: every app instrumented, its labels and warnings
 TUTORIALS = (
     "test_sql_databases*",
     "test_bigger_applications",
@@ -66,7 +62,7 @@ TUTORIALS = (
     "test_testing_dependencies",
 )
 EXTRACTED = ("tests/", "docs_src/", "pyproject.toml")
-REQUIRED = ("tests/test_tutorial", "docs_src")
+REQUIRED = ("tests/test_tutorial/", "docs_src/")
 # Starlette before 0.37.2 (FastAPI 0.110.0's) builds its TestClient with httpx's `app=` shortcut,
 # which httpx 0.27 deprecates; FastAPI's own tests then ran on an older httpx.
 OLD_TESTCLIENT = "ignore:The 'app' shortcut is now deprecated:DeprecationWarning"
@@ -77,42 +73,8 @@ UNMATCHED = "<unmatched>"  # session_monitor.naming.UNMATCHED_ROUTE: no route ma
 # -- the tests ---------------------------------------------------------------------------------
 
 
-def _ignored_cache() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    marker = CACHE / ".gitignore"
-    if not marker.exists():
-        marker.write_text("# created by tests/fastapi_tutorials/run.py\n*\n")
-    return CACHE
-
-
-def fetch_sdist(version: str) -> Path:
-    cache = _ignored_cache()
-    sdist = cache / f"fastapi-{version}.tar.gz"
-    if sdist.exists():
-        return sdist
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as download:
-        # --no-binary for fastapi alone: its build backend may still come as a wheel.
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-        command += ["--no-binary", "fastapi", "--disable-pip-version-check"]
-        command += [f"fastapi=={version}", "-d", download]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=PIP_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise SuiteUnavailable(
-                f"pip download of the fastapi {version} sdist took over {PIP_TIMEOUT}s"
-            ) from None
-        found = sorted(Path(download).glob("*.tar.gz"))
-        if done.returncode != 0 or not found:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            tail = re.sub(r"\b\w+://\S+", "<url>", tail)  # no index address in a message
-            raise SuiteUnavailable(
-                f"pip could not download the fastapi {version} sdist (exit {done.returncode}):"
-                f"\n{tail}"
-            )
-        os.replace(found[0], sdist)
-    return sdist
+def write_pytest_ini(suite: Path) -> None:
+    (suite / "pytest.ini").write_text(pytest_ini(suite / "pyproject.toml"))
 
 
 def pytest_ini(pyproject: Path) -> str:
@@ -140,58 +102,6 @@ def _resolves(warning_filter: str) -> bool:
     return not module or importlib.util.find_spec(module.split(".")[0]) is not None
 
 
-def _wanted(name: str) -> str | None:
-    parts = PurePosixPath(name).parts
-    if len(parts) < 2 or any(part in ("", ".", "..") for part in parts) or name.startswith("/"):
-        return None
-    inner = "/".join(parts[1:])
-    return inner if any(inner.startswith(want) for want in EXTRACTED) else None
-
-
-def extract(sdist: Path, destination: Path) -> Path:
-    if (destination / ".complete").exists():
-        return destination
-    work = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".extract-"))
-    try:
-        with tarfile.open(sdist) as archive:
-            for member in archive:
-                inner = _wanted(member.name)
-                if inner is None or not member.isfile():
-                    continue  # no links, devices or directories taken from the archive
-                source = archive.extractfile(member)
-                assert source is not None
-                target = work / inner
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        missing = [required for required in REQUIRED if not (work / required).is_dir()]
-        if missing:
-            raise SuiteUnavailable(
-                f"{sdist.name} has no {' or '.join(f'{m}/' for m in missing)}: "
-                "this release does not ship its tutorial tests"
-            )
-        (work / "pytest.ini").write_text(pytest_ini(work / "pyproject.toml"))
-        (work / ".complete").write_text(sdist.name + "\n")
-        work.chmod(0o755)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(work, destination)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
-    return destination
-
-
-def obtain_suite(version: str) -> Path:
-    with exclusive(f"fastapi-suite-{version}"):
-        sdist = fetch_sdist(version)
-        try:
-            return extract(sdist, CACHE / f"fastapi-{version}")
-        except (tarfile.TarError, EOFError, OSError) as error:
-            sdist.unlink(missing_ok=True)  # a truncated download: fetched again next time
-            raise SuiteUnavailable(f"cannot extract {sdist.name}: {error}") from None
-
-
 def targets_in(suite: Path) -> list[str]:
     found: list[str] = []
     for pattern in TUTORIALS:
@@ -206,76 +116,35 @@ def targets_in(suite: Path) -> list[str]:
 # -- running it --------------------------------------------------------------------------------
 
 
-@dataclass
-class Tutorials:
-    run: Run  # outcomes, and the monitor's counts (tests/upstream/inject.py) with it
-    routes: dict[str, Any]  # tutorial_routes.py: the requests FastAPI served, its routes
-    apps: dict[str, Any] = field(default_factory=dict)  # tutorial_apps.py: labels, warnings
-
-
-def run_tests(
-    suite: Path, mode: str, work: Path, targets: list[str], extra: list[str]
-) -> Tutorials:
-    work.mkdir(parents=True, exist_ok=True)
-    files = {
-        name: work / f"{name}-{mode}.json" for name in ("outcomes", "routes", "monitor", "labels")
-    }
-    log = work / f"pytest-{mode}.log"
-    for stale in files.values():
-        stale.unlink(missing_ok=True)
-    inherited = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_CURRENT_TEST")
-    env = {k: v for k, v in os.environ.items() if k not in inherited}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [*(str(d) for d in PLUGIN_DIRS), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    command = [sys.executable, "-s", "-m", "pytest", "--rootdir", str(suite)]
-    command += ["-c", str(suite / "pytest.ini"), "-p", "no:cacheprovider"]
-    # The package's own pytest plugin (its entry point) stays out of both runs: only inject.py
-    # brings the monitor in.
-    command += ["-p", "no:session_monitor", "-q", "--tb=short"]
-    command += ["-p", "outcomes", "--upstream-outcomes", str(files["outcomes"])]
-    command += ["-p", "tutorial_routes", "--tutorial-routes", str(files["routes"])]
-    if mode == "with":
+def run_tests(suite: Path, mode: str, work: Path, targets: list[str], extra: list[str]) -> Run:
+    return run_suite(
+        suite,
+        "fastapi",
+        mode,
+        work,
+        targets,
+        ["-c", str(suite / "pytest.ini"), *extra],
+        plugins={ROUTES: "--tutorial-routes"},
         # The leak threshold's age watcher runs too; the tutorials hold no session that long.
-        command += ["-p", "inject", "--monitor-report", str(files["monitor"])]
-        command += ["-p", "tutorial_apps", "--tutorial-labels", str(files["labels"])]
-    command += [*extra, *(str(suite / target) for target in targets)]
-    # A working directory per run: the background-task tutorials write log.txt into it.
-    cwd = work / f"cwd-{mode}"
-    shutil.rmtree(cwd, ignore_errors=True)
-    cwd.mkdir()
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    wanted = [files["outcomes"], files["routes"]]
-    if mode == "with":
-        wanted += [files["monitor"], files["labels"]]
-    if done.returncode not in (0, 1) or not all(path.exists() for path in wanted):
-        raise RunCrashed(f"the run {mode} the monitor exited {done.returncode}; see {log}")
-    outcomes = json.loads(files["outcomes"].read_text())
-    run = Run(mode, outcomes["outcomes"], outcomes["details"], seconds, log)
-    tutorials = Tutorials(run, json.loads(files["routes"].read_text()))
-    if mode == "with":
-        run.monitor = json.loads(files["monitor"].read_text())
-        tutorials.apps = json.loads(files["labels"].read_text())
-    return tutorials
+        monitored_plugins={APPS: "--tutorial-labels"},
+        plugin_dirs=[PLUGIN_DIR],
+    )
 
 
 # -- comparing ---------------------------------------------------------------------------------
 
 
-def fastapi_view(tutorials: Tutorials) -> dict[str, collections.Counter[tuple[Any, ...]]]:
+def fastapi_view(run: Run) -> dict[str, collections.Counter[tuple[Any, ...]]]:
     """Per test, the requests FastAPI served: kind, method, route and status, counted."""
     view = {}
-    for test, requests in tutorials.routes["requests"].items():
+    for test, requests in run.reports[ROUTES]["requests"].items():
         view[test] = collections.Counter(
             (r["type"], r["method"], r["route"], r["status"]) for r in requests
         )
     return view
 
 
-def view_changes(without: Tutorials, with_: Tutorials) -> list[str]:
+def view_changes(without: Run, with_: Run) -> list[str]:
     before, after = fastapi_view(without), fastapi_view(with_)
     lines = []
     for test in sorted(set(before) | set(after)):
@@ -298,10 +167,10 @@ def _slash_redirect(ours: str | None, request: dict[str, Any]) -> bool:
     return ours == UNMATCHED and request["status"] == 307 and request["route"] is not None
 
 
-def label_check(with_: Tutorials) -> dict[str, Any]:
+def label_check(with_: Run) -> dict[str, Any]:
     """Each request FastAPI served in the monitored run, against the label the monitor gave it."""
-    routes = with_.routes["requests"]
-    labels = with_.apps["labels"]
+    routes = with_.reports[ROUTES]["requests"]
+    labels = with_.reports[APPS]["labels"]
     by_span: dict[str, list[dict[str, Any]]] = {}
     for label in labels:
         by_span.setdefault(label["span_id"], []).append(label)
@@ -349,24 +218,17 @@ def label_check(with_: Tutorials) -> dict[str, Any]:
 
 def report(
     without: Run,
-    with_: Tutorials,
+    with_: Run,
     comparison: Comparison,
     changes: list[str],
     labels: dict[str, Any],
 ) -> list[str]:
-    lines = [
-        f"{run.mode} monitor:".ljust(16) + f"{run.line()}  log: {_relative(run.log)}"
-        for run in (without, with_.run)
-    ]
-    lines += monitor_lines(with_.run.monitor)
-    apps = with_.apps
+    lines = run_lines(without, with_)
+    apps = with_.reports[APPS]
     lines.append(f"apps instrumented: {apps['apps_instrumented']}")
     differences = {**comparison.regressions, **comparison.other}
     lines.append(f"outcome differences: {len(differences) or 'none'}")
-    for nodeid, (before, after) in differences.items():
-        lines.append(f"  {before} -> {after}  {nodeid}")
-        if nodeid in with_.run.details:
-            lines.append(f"      {with_.run.details[nodeid].strip().splitlines()[0][:160]}")
+    lines += change_lines(differences, with_.details)
     lines.append(f"FastAPI's own view of the requests changed: {len(changes) or 'no'}")
     lines += changes
     warnings = apps["warnings"]
@@ -387,12 +249,6 @@ def report(
                 f"{ours} FastAPI's {e['fastapi']!r}"
             )
     return lines
-
-
-def _relative(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.relative_to(ROOT))
-    return str(path)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -417,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
     version = fastapi.__version__
     try:
-        suite = obtain_suite(version)
+        suite = obtain_suite(
+            "fastapi",
+            version,
+            CACHE,
+            EXTRACTED,
+            REQUIRED,
+            pip_timeout=PIP_TIMEOUT,
+            prepare=write_pytest_ini,
+        )
     except SuiteUnavailable as error:
         print(f"FastAPI {version}'s tutorial tests are unavailable: {error}", file=sys.stderr)
         return 3
@@ -426,31 +290,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(targets)} tutorial folders: {' '.join(Path(t).name for t in targets)}", flush=True)
     work = CACHE / "runs" / version
     try:
-        with exclusive(f"fastapi-runs-{version}"):
+        with exclusive(CACHE, f"runs-{version}"):
             without = run_tests(suite, "without", work, targets, args.pytest_args)
             with_ = run_tests(suite, "with", work, targets, args.pytest_args)
     except RunCrashed as error:
         print(f"CRASHED: {error}")
         return 4
-    for tutorials in (without, with_):
-        fastapi_used = tutorials.routes["fastapi"]
-        if fastapi_used.get("file") != str(Path(fastapi.__file__).resolve()):
-            print(f"CRASHED: the tests ran {fastapi_used}, not {fastapi.__file__}")
-            return 4
-    comparison = compare(without.run, with_.run)
+    comparison = compare(without, with_)
     changes = view_changes(without, with_)
-    telemetry = with_.routes["telemetry"]
+    telemetry = with_.reports[ROUTES]["telemetry"]
     labels = label_check(with_)
-    lines = report(without.run, with_, comparison, changes, labels)
+    lines = report(without, with_, comparison, changes, labels)
     if not telemetry:
         lines.append(f"FastAPI {version} has no telemetry of its own: routes not compared")
     print("\n".join(lines))
-    apps = with_.apps
+    apps = with_.reports[APPS]
     problems = {
         "outcome differences": len(comparison.regressions) + len(comparison.other),
         "changes in FastAPI's view": len(changes),
-        "internal errors counted": sum(with_.run.monitor["internal_errors"].values()),
-        "errors logged": with_.run.monitor["error_log_records"],
+        "internal errors counted": with_.internal_errors,
+        "errors logged": with_.errors_logged,
         "warnings logged": len(apps["warnings"]),
         "bed errors": len(apps["bed_errors"]),
         "route mismatches": len(labels["mismatches"]) if telemetry else 0,
@@ -467,10 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                     "outcome_differences": {**comparison.regressions, **comparison.other},
                     "labels": labels,
                     "warnings": apps["warnings"],
-                    "runs": {
-                        run.mode: {"counts": run.counts(), "seconds": round(run.seconds, 1)}
-                        for run in (without.run, with_.run)
-                    },
+                    "runs": runs_summary(without, with_),
                 },
                 indent=1,
             )

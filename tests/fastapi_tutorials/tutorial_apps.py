@@ -1,9 +1,10 @@
 """pytest plugin: the injected monitor on every app the tutorials build, and what it labelled.
 
-Loaded after ``-p inject`` (``tests/upstream/inject.py``, which builds one ``SessionMonitor()``
-watching every engine and fails the run on an internal error): every ``FastAPI`` or ``Starlette``
-app built from then on is given to ``monitor.instrument_app`` as its constructor returns, so the
-middleware is the outermost user middleware of each, sub-applications included.
+Loaded after ``-p inject`` (``tests/sdist_suite/plugins/inject.py``, which builds one
+``SessionMonitor()`` watching every engine and fails the run on an internal error): every
+``FastAPI`` or ``Starlette`` app built from then on is given to ``monitor.instrument_app`` as its
+constructor returns, so the middleware is the outermost user middleware of each,
+sub-applications included.
 
 The monitor's request-end call is wrapped on this one monitor: when a request ends it reads the
 route label the monitor settled on (``RequestScope.route`` after the app returned) and, from the
@@ -15,19 +16,16 @@ logger, with the test that was running: tutorial code must cause no leak or pitf
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import threading
 import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bed_plugin import CurrentTest, write_report
 
 from session_monitor import SessionMonitor
-
-OUTSIDE_TESTS = "<outside any test>"
 
 
 class Warnings(logging.Handler):
@@ -47,11 +45,10 @@ class Warnings(logging.Handler):
         )
 
 
-class Instrumented:
+class Instrumented(CurrentTest):
     def __init__(self, path: Path, monitor: SessionMonitor) -> None:
         self.path = path
         self.monitor = monitor
-        self.current = OUTSIDE_TESTS
         self.apps: weakref.WeakSet[Any] = weakref.WeakSet()
         self.labels: list[dict[str, Any]] = []
         self.bed_errors: list[str] = []
@@ -123,14 +120,6 @@ class Instrumented:
                 }
             )
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item) -> Any:
-        self.current = item.nodeid
-        try:
-            return (yield)
-        finally:
-            self.current = OUTSIDE_TESTS
-
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         data = {
@@ -139,9 +128,7 @@ class Instrumented:
             "warnings": self.warnings.records,
             "bed_errors": self.bed_errors,
         }
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-        temporary.replace(self.path)
+        write_report(self.path, data)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self.uninstall()

@@ -5,21 +5,16 @@ differ only by the monitor. FastAPI (0.165 and later) has its own OpenTelemetry 
 tracer provider configured it opens a server span per request or WebSocket and sets its
 ``http.route`` when the router selects a route (``_route_selected``, mounts included). This sets
 an SDK tracer provider that exports nowhere and keeps, per test, what each server span said.
-
-It also refuses a run whose ``fastapi`` is the sdist's copy: the point is the installed FastAPI.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-OUTSIDE_TESTS = "<outside any test>"
+from bed_plugin import CurrentTest, write_report
 
 
 def telemetry_available() -> bool:
@@ -31,15 +26,13 @@ def telemetry_available() -> bool:
     return True
 
 
-class Routes:
+class Routes(CurrentTest):
     """Keeps one record per FastAPI server span that ended, under the test that made it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.current = OUTSIDE_TESTS
         self.requests: dict[str, list[dict[str, Any]]] = {}
         self.lock = threading.Lock()
-        self.fastapi: dict[str, str] = {}
         self.telemetry = telemetry_available()
         if self.telemetry:
             self._install_provider()
@@ -80,32 +73,8 @@ class Routes:
             self.requests.setdefault(self.current, []).append(request)
 
     @pytest.hookimpl(trylast=True)
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        import fastapi
-
-        location = Path(fastapi.__file__).resolve()
-        self.fastapi = {"version": fastapi.__version__, "file": str(location)}
-        if location.is_relative_to(session.config.rootpath.resolve()):
-            raise pytest.UsageError(
-                f"fastapi was imported from the test suite's own copy ({location}), "
-                "not the installed package"
-            )
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item) -> Any:
-        # Setup, call and teardown: a module-scoped client's lifespan counts for its first test.
-        self.current = item.nodeid
-        try:
-            return (yield)
-        finally:
-            self.current = OUTSIDE_TESTS
-
-    @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        data = {"fastapi": self.fastapi, "telemetry": self.telemetry, "requests": self.requests}
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-        temporary.replace(self.path)
+        write_report(self.path, {"telemetry": self.telemetry, "requests": self.requests})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

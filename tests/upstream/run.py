@@ -20,23 +20,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.sdist_suite.obtain import SuiteUnavailable, exclusive, obtain_suite
+from tests.sdist_suite.runs import (
+    ROOT,
+    Comparison,
+    Run,
+    RunCrashed,
+    change_lines,
+    compare,
+    run_lines,
+    run_suite,
+    runs_summary,
+)
+
 CACHE = ROOT / ".cache" / "upstream"
 POSTGRES_ENV = "SESSION_MONITOR_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -74,166 +77,8 @@ MODULES = (
 )
 # Of the sdist, only what running its tests needs; nothing that could be imported as sqlalchemy.
 EXTRACTED = ("test/", "lib/sqlalchemy/testing/plugin/", "setup.cfg", "pyproject.toml")
+REQUIRED = ("test/conftest.py", "lib/sqlalchemy/testing/plugin/bootstrap.py")
 PIP_TIMEOUT = 900  # pip prepares the sdist's metadata, which installs its build requirements
-BAD = frozenset({"failed", "error"})
-GOOD = frozenset({"passed", "xpassed", "xfailed"})
-
-
-class SuiteUnavailable(Exception):
-    pass
-
-
-class RunCrashed(Exception):
-    pass
-
-
-# -- the suite ---------------------------------------------------------------------------------
-
-
-def _ignored_cache() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    marker = CACHE / ".gitignore"
-    if not marker.exists():
-        # Like pytest's and mypy's caches: ignored by git whatever the repository's .gitignore.
-        marker.write_text("# created by tests/upstream/run.py\n*\n")
-    return CACHE
-
-
-@contextlib.contextmanager
-def exclusive(name: str) -> Iterator[None]:
-    """Hold the cache's lock `name`: runs of this script in other processes (another venv,
-    another worker's pytest) share the cache and the PostgreSQL database."""
-    path = _ignored_cache() / "locks" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.lock"
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another run to release {path.name} ...", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def fetch_sdist(version: str) -> Path:
-    cache = _ignored_cache()
-    sdist = cache / f"sqlalchemy-{version}.tar.gz"
-    if sdist.exists():
-        return sdist
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as download:
-        # --no-binary for sqlalchemy alone: its build requirements may still come as wheels,
-        # which is what makes preparing the sdist's metadata take seconds rather than minutes.
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            "sqlalchemy",
-            "--disable-pip-version-check",
-            f"sqlalchemy=={version}",
-            "-d",
-            download,
-        ]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=PIP_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise SuiteUnavailable(
-                f"pip download of the sqlalchemy {version} sdist took over {PIP_TIMEOUT}s"
-            ) from None
-        found = sorted(Path(download).glob("*.tar.gz"))
-        if done.returncode != 0 or not found:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            tail = re.sub(r"\b\w+://\S+", "<url>", tail)  # no index address in a message
-            raise SuiteUnavailable(
-                f"pip could not download the sqlalchemy {version} sdist "
-                f"(exit {done.returncode}):\n{tail}"
-            )
-        os.replace(found[0], sdist)
-    return sdist
-
-
-def _wanted(name: str) -> str | None:
-    """The member's path inside the sdist's top directory, if it is one to extract."""
-    parts = PurePosixPath(name).parts
-    if len(parts) < 2 or any(part in ("", ".", "..") for part in parts) or name.startswith("/"):
-        return None
-    inner = "/".join(parts[1:])
-    if any(inner == want or (want.endswith("/") and inner.startswith(want)) for want in EXTRACTED):
-        return inner
-    return None
-
-
-def extract(sdist: Path, destination: Path) -> Path:
-    if (destination / ".complete").exists():
-        return destination
-    work = Path(tempfile.mkdtemp(dir=destination.parent, prefix=".extract-"))
-    try:
-        with tarfile.open(sdist) as archive:
-            for member in archive:
-                inner = _wanted(member.name)
-                if inner is None or not member.isfile():
-                    continue  # no links, devices or directories taken from the archive
-                source = archive.extractfile(member)
-                assert source is not None
-                target = work / inner
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out)
-        for required in ("test/conftest.py", "lib/sqlalchemy/testing/plugin/bootstrap.py"):
-            if not (work / required).is_file():
-                raise SuiteUnavailable(f"{sdist.name} has no {required}")
-        (work / ".complete").write_text(sdist.name + "\n")
-        work.chmod(0o755)  # mkdtemp's 0o700 is for the temporary name only
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(work, destination)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
-    return destination
-
-
-def obtain_suite(version: str) -> Path:
-    with exclusive(f"suite-{version}"):
-        sdist = fetch_sdist(version)
-        try:
-            return extract(sdist, CACHE / f"sqlalchemy-{version}")
-        except (tarfile.TarError, EOFError, OSError) as error:
-            sdist.unlink(missing_ok=True)  # a truncated download: fetched again next time
-            raise SuiteUnavailable(f"cannot extract {sdist.name}: {error}") from None
-
-
-# -- running it --------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    mode: str  # "without" or "with"
-    outcomes: dict[str, str]
-    details: dict[str, str]
-    seconds: float
-    log: Path
-    monitor: dict[str, Any] = field(default_factory=dict)
-    sqlalchemy: dict[str, str] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for outcome in self.outcomes.values():
-            counts[outcome] = counts.get(outcome, 0) + 1
-        return counts
-
-    def line(self) -> str:
-        counts = self.counts()
-        order = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
-        shown = ", ".join(f"{counts[o]} {o}" for o in order if counts.get(o))
-        return f"{len(self.outcomes)} tests: {shown or 'none'} ({self.seconds:.1f}s)"
 
 
 def dburis_for(db: str, explicit: list[str] | None) -> list[str]:
@@ -268,120 +113,6 @@ def database_locks(dburis: list[str]) -> list[str]:
     return sorted(locks)
 
 
-def pytest_command(
-    suite: Path,
-    mode: str,
-    files: dict[str, Path],
-    dburis: list[str],
-    targets: list[str],
-    extra: list[str],
-    monitor_options: list[str],
-) -> list[str]:
-    command = [
-        sys.executable,
-        # No user site: test/conftest.py then leaves sys.path alone.
-        "-s",
-        "-m",
-        "pytest",
-        "--rootdir",
-        str(suite),
-        "-p",
-        "no:cacheprovider",
-        # session_monitor's own pytest plugin (its pytest11 entry point): only inject.py may
-        # bring the monitor in, and the run without it must not import the package at all.
-        "-p",
-        "no:session_monitor",
-        "-p",
-        "tests.upstream.outcomes",
-        "--upstream-outcomes",
-        str(files["outcomes"]),
-        "-q",
-        "--tb=short",
-        "--maxfail=1000000",
-    ]
-    if mode == "with":
-        command += [
-            "-p",
-            "tests.upstream.inject",
-            "--monitor-report",
-            str(files["monitor"]),
-            *monitor_options,
-        ]
-    for uri in dburis:
-        command += ["--dburi", uri]
-    return [*command, *extra, *targets]
-
-
-def run_suite(
-    suite: Path,
-    mode: str,
-    work: Path,
-    dburis: list[str],
-    targets: list[str],
-    extra: list[str],
-    monitor_options: list[str],
-    tag: str = "",
-) -> Run:
-    work.mkdir(parents=True, exist_ok=True)
-    files = {
-        "outcomes": work / f"outcomes-{mode}{tag}.json",
-        "monitor": work / f"monitor{tag}.json",
-        "log": work / f"pytest-{mode}{tag}.log",
-    }
-    outcomes_path, monitor_path, log = files["outcomes"], files["monitor"], files["log"]
-    for stale in (outcomes_path, monitor_path if mode == "with" else None):
-        if stale is not None:
-            stale.unlink(missing_ok=True)
-    # Nothing of a pytest this may run under: its options, plugins or current test.
-    inherited = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_CURRENT_TEST")
-    env = {k: v for k, v in os.environ.items() if k not in inherited}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    # Absolute targets and a working directory of the run's own: SQLite's test_schema files
-    # and the like are made in the current directory. Node ids stay relative to the suite.
-    targets = [str(suite / target) for target in targets]
-    command = pytest_command(suite, mode, files, dburis, targets, extra, monitor_options)
-    started = time.perf_counter()
-    cwd = work / "cwd"
-    cwd.mkdir(exist_ok=True)
-    with open(log, "w") as out:
-        done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if done.returncode not in (0, 1) or not outcomes_path.exists():
-        raise RunCrashed(f"the run {mode} the monitor exited {done.returncode}; see {log}")
-    data = json.loads(outcomes_path.read_text())
-    run = Run(mode, data["outcomes"], data["details"], seconds, log, sqlalchemy=data["sqlalchemy"])
-    if mode == "with":
-        if not monitor_path.exists():
-            raise RunCrashed(f"the monitor plugin wrote no report; see {log}")
-        run.monitor = json.loads(monitor_path.read_text())
-    return run
-
-
-# -- comparing ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    regressions: dict[str, tuple[str, str]]  # passes without the monitor, fails or errors with
-    other: dict[str, tuple[str, str]]  # any other change (a test skipped only with it, ...)
-    flaky: dict[str, tuple[str, str]] = field(default_factory=dict)  # not again on a rerun
-
-
-def compare(without: Run, with_: Run) -> Comparison:
-    regressions: dict[str, tuple[str, str]] = {}
-    other: dict[str, tuple[str, str]] = {}
-    for nodeid in sorted(set(without.outcomes) | set(with_.outcomes)):
-        before = without.outcomes.get(nodeid, "missing")
-        after = with_.outcomes.get(nodeid, "missing")
-        if before == after:
-            continue
-        if before in GOOD and (after in BAD or after == "missing"):
-            regressions[nodeid] = (before, after)
-        else:
-            other[nodeid] = (before, after)
-    return Comparison(regressions, other)
-
-
 def recheck(comparison: Comparison, rerun: Callable[[str, list[str]], Run]) -> None:
     """Run the regressed tests' modules once more both ways; keep what regresses again."""
     if not comparison.regressions:
@@ -394,39 +125,8 @@ def recheck(comparison: Comparison, rerun: Callable[[str, list[str]], Run]) -> N
             comparison.flaky[nodeid] = comparison.regressions.pop(nodeid)
 
 
-def _relative(path: Path) -> str:
-    with contextlib.suppress(ValueError):
-        return str(path.relative_to(ROOT))
-    return str(path)
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:160] if lines else ""
-
-
-def monitor_lines(monitor: dict[str, Any]) -> list[str]:
-    totals = monitor["totals"]
-    errors = monitor["internal_errors"]
-    lines = [
-        "monitor: sessions opened {sessions_opened} closed {sessions_closed}, checkouts "
-        "{checkouts} checkins {checkins}, connections created {connections_created}, "
-        "invalidations {invalidations}, timeouts {timeouts}".format(**totals),
-        f"         leaks {monitor['leaks'] or '{}'}, transactions {monitor['transactions'] or '{}'}",
-        f"internal errors: {sum(errors.values())} {errors or ''}".rstrip(),
-    ]
-    lines += [f"  {_first_line(text)}" for text in monitor["error_logs"]]
-    return lines
-
-
 def report(without: Run | None, with_: Run | None, comparison: Comparison | None) -> list[str]:
-    lines = []
-    for run in (without, with_):
-        if run is not None:
-            label = f"{run.mode} monitor:".ljust(16)
-            lines.append(f"{label}{run.line()}  log: {_relative(run.log)}")
-    if with_ is not None:
-        lines += monitor_lines(with_.monitor)
+    lines = run_lines(without, with_)
     if comparison is None:
         return lines
     if not (comparison.regressions or comparison.flaky or comparison.other):
@@ -439,10 +139,7 @@ def report(without: Run | None, with_: Run | None, comparison: Comparison | None
     ):
         if changes:
             lines.append(f"{title}: {len(changes)}")
-            for nodeid, (before, after) in changes.items():
-                lines.append(f"  {before} -> {after}  {nodeid}")
-                if nodeid in details:
-                    lines.append(f"      {_first_line(details[nodeid])}")
+            lines += change_lines(changes, details)
     return lines
 
 
@@ -509,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     version = sqlalchemy.__version__
     try:
-        suite = obtain_suite(version)
+        suite = obtain_suite(
+            "sqlalchemy", version, CACHE, EXTRACTED, REQUIRED, pip_timeout=PIP_TIMEOUT
+        )
     except SuiteUnavailable as error:
         print(f"SQLAlchemy {version}'s test suite is unavailable: {error}", file=sys.stderr)
         return 3
@@ -518,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"not in SQLAlchemy {version}'s suite: {' '.join(unknown)}", file=sys.stderr)
         return 2
-    pytest_args = [*(["--backend-only"] if args.backend_only else []), *args.pytest_args]
     dburis = dburis_for(args.db, args.dburi)
+    # SQLAlchemy's own addopts stop at 250 failures: a broken monitor must show all of them.
+    options = ["--maxfail=1000000"]
+    for uri in dburis:
+        options += ["--dburi", uri]
+    options += [*(["--backend-only"] if args.backend_only else []), *args.pytest_args]
     work = CACHE / "runs" / f"{version}-{args.db}{'-otel' if args.otel else ''}"
     monitor_options = ["--monitor-leak-threshold", str(args.leak_threshold)]
     if args.no_stacks:
@@ -530,15 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(modules)} modules on {' '.join(dburis)}", flush=True)
 
     def execute(mode: str, targets: list[str], tag: str = "") -> Run:
-        run = run_suite(suite, mode, work, dburis, targets, pytest_args, monitor_options, tag)
-        if run.sqlalchemy.get("file") != str(Path(sqlalchemy.__file__).resolve()):
-            raise RunCrashed(f"the tests ran {run.sqlalchemy}, not {sqlalchemy.__file__}")
-        return run
+        return run_suite(
+            suite,
+            "sqlalchemy",
+            mode,
+            work,
+            targets,
+            options,
+            monitor_options=monitor_options,
+            tag=tag,
+        )
 
     try:
         with contextlib.ExitStack() as locks:
             for name in [f"runs-{work.name}", *database_locks(dburis)]:
-                locks.enter_context(exclusive(name))
+                locks.enter_context(exclusive(CACHE, name))
             without = execute("without", modules) if args.mode != "with" else None
             with_ = execute("with", modules) if args.mode != "without" else None
             comparison = None
@@ -551,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     lines = report(without, with_, comparison)
     print("\n".join(lines))
-    errors = sum(with_.monitor["internal_errors"].values()) if with_ else 0
-    failed_log = with_.monitor["error_log_records"] if with_ else 0
+    errors = with_.internal_errors if with_ else 0
+    failed_log = with_.errors_logged if with_ else 0
     regressions = comparison.regressions if comparison else {}
     if args.summary_json:
         args.summary_json.write_text(
@@ -566,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     "flaky": comparison.flaky if comparison else {},
                     "other": comparison.other if comparison else {},
                     "internal_errors": with_.monitor["internal_errors"] if with_ else {},
-                    "runs": {
-                        run.mode: {"counts": run.counts(), "seconds": round(run.seconds, 1)}
-                        for run in (without, with_)
-                        if run is not None
-                    },
+                    "runs": runs_summary(without, with_),
                 },
                 indent=1,
             )

@@ -1,16 +1,16 @@
-"""pytest plugin: a SessionMonitor watching everything SQLAlchemy's own test suite does.
+"""pytest plugin: a SessionMonitor watching everything a project's own test suite does.
 
-``-p tests.upstream.inject`` builds one ``SessionMonitor()`` (no engine: every engine in the
-process) before any test runs, with its own registry, leak logging, stack capture and an age
-threshold, so that every hook, pool listener and the age watcher's thread run under SQLAlchemy's
-tests. At the end it prints what the monitor counted and fails the run if the monitor counted
-an internal error: the monitor swallows its own failures, so the tests alone would never show one.
+``-p inject`` (the run with the monitor) builds one ``SessionMonitor()`` (no engine: every engine
+in the process) before any test runs, with its own registry, leak logging, stack capture and an
+age threshold, so that every hook, pool listener and the age watcher's thread run under the
+suite's tests. At the end it prints what the monitor counted and fails the run if the monitor
+counted an internal error: the monitor swallows its own failures, so the tests alone would never
+show one.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import traceback
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bed_plugin import write_report
 from prometheus_client import CollectorRegistry
 
 from session_monitor import SessionMonitor
@@ -42,7 +43,7 @@ KEPT_LOGS = 20
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("session_monitor upstream")
+    group = parser.getgroup("session_monitor sdist suite")
     group.addoption("--monitor-report", metavar="PATH", help="write the monitor's counts here")
     group.addoption(
         "--monitor-leak-threshold",
@@ -140,10 +141,7 @@ class Injected:
         # trylast: after SQLAlchemy's own final cleanup has disposed of its engines.
         self.summary = self.collect()
         if self.report_path:
-            path = Path(self.report_path)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}")
-            temporary.write_text(json.dumps(self.summary, indent=1, sort_keys=True))
-            temporary.replace(path)
+            write_report(Path(self.report_path), self.summary)
         if self.summary["internal_errors"] or self.errors.count:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

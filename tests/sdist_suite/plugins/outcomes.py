@@ -1,18 +1,19 @@
-"""pytest plugin: one outcome per test of SQLAlchemy's suite, written as JSON for the comparison.
+"""pytest plugin: one outcome per test of a project's suite, written as JSON for the comparison.
 
-Loaded in both runs (``-p tests.upstream.outcomes --upstream-outcomes PATH``), so the two files
-differ only by what the monitor changed. It also refuses to run if ``import sqlalchemy`` found
-the sdist's copy: the point is to test the installed SQLAlchemy, the one the monitor patches.
+Loaded in both runs (``-p outcomes --upstream-outcomes PATH --upstream-package NAME``), so the
+two files differ only by what the monitor changed. It also refuses to run if ``import NAME``
+(``sqlalchemy``, ``fastapi``) found the sdist's copy: the point is to test the installed package,
+the one the monitor patches or instruments.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import importlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bed_plugin import write_report
 
 # A test's phases fold into one outcome; a later phase only makes it worse.
 _RANK = {"passed": 0, "xpassed": 0, "skipped": 1, "xfailed": 1, "failed": 3, "error": 3}
@@ -20,31 +21,37 @@ DETAIL_CHARS = 1500
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("session_monitor upstream")
+    group = parser.getgroup("session_monitor sdist suite")
     group.addoption(
         "--upstream-outcomes",
         metavar="PATH",
-        help="write {nodeid: outcome} and the SQLAlchemy under test to this JSON file",
+        help="write {nodeid: outcome} and the package under test to this JSON file",
+    )
+    group.addoption(
+        "--upstream-package",
+        metavar="NAME",
+        help="the package the suite tests (sqlalchemy, fastapi): it must be the installed one",
     )
 
 
 class Outcomes:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, package: str) -> None:
         self.path = path
+        self.package_name = package
         self.outcomes: dict[str, str] = {}
         self.details: dict[str, str] = {}
-        self.sqlalchemy: dict[str, str] = {}
+        self.package: dict[str, str] = {}
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        # SQLAlchemy's conftest has run by now, and with it any sys.path change it makes.
-        import sqlalchemy
-
-        location = Path(sqlalchemy.__file__).resolve()
-        self.sqlalchemy = {"version": sqlalchemy.__version__, "file": str(location)}
+        # The suite's conftest has run by now, and with it any sys.path change it makes.
+        module = importlib.import_module(self.package_name)
+        location = Path(module.__file__ or "").resolve()
+        version = str(getattr(module, "__version__", ""))
+        self.package = {"name": self.package_name, "version": version, "file": str(location)}
         if location.is_relative_to(session.config.rootpath.resolve()):
             raise pytest.UsageError(
-                f"sqlalchemy was imported from the test suite's own copy ({location}), "
+                f"{self.package_name} was imported from the test suite's own copy ({location}), "
                 "not the installed package"
             )
 
@@ -66,14 +73,12 @@ class Outcomes:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = {
-            "sqlalchemy": self.sqlalchemy,
+            "package": self.package,
             "exitstatus": int(exitstatus),
             "outcomes": self.outcomes,
             "details": self.details,
         }
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-        temporary.replace(self.path)
+        write_report(self.path, data)
 
 
 def _outcome(report: pytest.TestReport) -> str | None:
@@ -102,5 +107,8 @@ def _detail(report: pytest.TestReport | pytest.CollectReport) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     path: Any = config.getoption("--upstream-outcomes")
+    package: Any = config.getoption("--upstream-package")
+    if path and not package:
+        raise pytest.UsageError("--upstream-outcomes needs --upstream-package")
     if path:
-        config.pluginmanager.register(Outcomes(Path(path)), "session_monitor_outcomes")
+        config.pluginmanager.register(Outcomes(Path(path), package), "session_monitor_outcomes")

@@ -3,6 +3,10 @@
 #   make test   every check: ruff, mypy, the test suite on the newest versions of everything, and
 #               again on the oldest versions pyproject.toml allows (constraints/*.txt)
 PYTHON ?= python3
+# The oldest end runs on the oldest Python pyproject.toml declares, where the machine has it
+# (pyenv's 3.10 here); elsewhere on $(PYTHON), with a line that says so.
+PYTHON_OLDEST ?= $(or $(shell for p in python3.10 $$(pyenv root 2>/dev/null)/versions/3.10*/bin/python3.10; do \
+	"$$p" -c 'import sys' 2>/dev/null && { echo "$$p"; break; }; done),$(PYTHON))
 VENV ?= .venv
 OLDEST ?= .venv-oldest
 
@@ -18,7 +22,9 @@ $(VENV)/.installed: pyproject.toml constraints/newest.txt
 # The oldest end: each dependency at its declared floor (SQLAlchemy 2.0, FastAPI 0.110 with its
 # Starlette, OpenTelemetry 1.30, ...). The test extra only: the dev tools need newer releases.
 $(OLDEST)/.installed: pyproject.toml constraints/oldest.txt
-	$(PYTHON) -m venv $(OLDEST)
+	@$(PYTHON_OLDEST) -c 'import sys; v = sys.version_info[:2]; v == (3, 10) or print(f"no Python 3.10 here: the oldest end runs on {v[0]}.{v[1]}")'
+	rm -rf $(OLDEST)
+	$(PYTHON_OLDEST) -m venv $(OLDEST)
 	$(OLDEST)/bin/pip install --quiet --upgrade pip
 	$(OLDEST)/bin/pip install --quiet -c constraints/oldest.txt -e '.[test]'
 	touch $@

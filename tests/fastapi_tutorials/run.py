@@ -82,7 +82,10 @@ def pytest_ini(pyproject: Path) -> str:
     its plugins (timeout, xdist) and options, which it is not run with here."""
     filters = ["error"]
     if pyproject.is_file():
-        import tomllib
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # the oldest end's Python: pytest's own TOML reader
+            import tomli as tomllib
 
         tool = tomllib.loads(pyproject.read_text()).get("tool", {})
         settings = tool.get("pytest", {})

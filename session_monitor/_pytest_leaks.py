@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, scoped_session
 
 from ._listeners import Guard
+from .forking import new_lock
 from .monitor import SessionMonitor
 from .pytest_plugin import ALLOW_LEAKS
 from .records import CheckoutView, SessionView
@@ -72,7 +73,7 @@ class Ledger:
         self._threads: weakref.WeakKeyDictionary[threading.Thread, Owner] = (
             weakref.WeakKeyDictionary()
         )
-        self._lock = threading.Lock()
+        self._lock = new_lock()  # free in a forked child (forking.py)
         self._open: dict[int, tuple[SessionView, Owner]] = {}
         self._dropped: list[tuple[SessionView, Owner]] = []
 

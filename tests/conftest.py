@@ -87,6 +87,15 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+def line_of(path: Path, marker: str) -> int:
+    """The number of the line of `path` that ends with `# <marker>`: a test names a line of its
+    own code without writing its number."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.rstrip().endswith(f"# {marker}"):
+            return number
+    raise AssertionError(marker)
+
+
 def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
     """Sum of every sample of `name` whose labels include `labels`."""
     found = 0.0

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+from conftest import line_of
 from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, exc, text
@@ -33,16 +34,8 @@ pytest_plugins = ["pytester"]
 HERE = Path(__file__).resolve()
 
 
-def line_of(marker: str) -> int:
-    """The line number of the line ending with `# <marker>` in this file."""
-    for number, line in enumerate(HERE.read_text().splitlines(), 1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(marker)
-
-
 def here(marker: str, function: str) -> tuple[str, int, str]:
-    return (str(HERE), line_of(marker), function)
+    return (str(HERE), line_of(HERE, marker), function)
 
 
 class Hero(sqlmodel.SQLModel, table=True):  # type: ignore[call-arg,misc]
@@ -93,7 +86,7 @@ async def test_a_sqlmodel_leak_is_reported_at_the_apps_line(
         assert (await http.get("/leak")).status_code == 200
     leaks = [r.getMessage() for r in caplog.records if "Leaked session" in r.getMessage()]
     assert len(leaks) == 1
-    assert f"opened at {HERE}:{line_of('sqlmodel-leak')} in leak" in leaks[0], leaks[0]
+    assert f"opened at {HERE}:{line_of(HERE, 'sqlmodel-leak')} in leak" in leaks[0], leaks[0]
     assert "sqlmodel" not in leaks[0]
     assert monitor.view_of(leaked[0]).location == here("sqlmodel-leak", "leak")  # type: ignore[union-attr]
     for session in leaked:
@@ -250,9 +243,9 @@ async def test_an_asyncio_pool_timeout_shows_where_the_holder_is(
             async with engine.connect():  # the-waiter
                 pass
         (warning,) = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
-        now = f"now at {HERE}:{line_of('holder-awaits')} in hold_the_pool (awaiting)"
+        now = f"now at {HERE}:{line_of(HERE, 'holder-awaits')} in hold_the_pool (awaiting)"
         assert now in warning, warning
-        assert f":{line_of('the-waiter')} " not in warning
+        assert f":{line_of(HERE, 'the-waiter')} " not in warning
     finally:
         release.set()
         await holder
@@ -290,7 +283,7 @@ async def test_a_holder_task_that_has_ended_is_not_where_the_waiter_is(
                 pass
         (warning,) = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
         assert "now at <unknown> (unknown)" in warning, warning
-        assert f":{line_of('the-waiter-again')} " not in warning
+        assert f":{line_of(HERE, 'the-waiter-again')} " not in warning
         assert [h.holder for h in monitor.holders()] == ["a task that has ended"]
     finally:
         await kept[0].close()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import sample, total
+from conftest import line_of, sample, total
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, exc, text
 from sqlalchemy.engine import make_url
@@ -23,14 +23,6 @@ from session_monitor import SessionMonitor
 pytestmark = pytest.mark.anyio
 
 HERE = Path(__file__).resolve()
-
-
-def line_of(marker: str) -> int:
-    """The line number of the line ending with `# <marker>` in this file."""
-    for number, line in enumerate(HERE.read_text().splitlines(), 1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(marker)
 
 
 def hold_in_thread(engine: Engine, held: threading.Event, release: threading.Event) -> None:
@@ -83,16 +75,16 @@ async def test_holders_are_the_connections_checked_out_with_both_locations(
             "raw": 1,
         }
         for holder in by_kind["session"]:
-            assert holder.opened_at == (str(HERE), line_of("opened-in-thread"), "hold_in_thread")
+            assert holder.opened_at == (str(HERE), line_of(HERE, "opened-in-thread"), "hold_in_thread")
             assert holder.holder.startswith("thread w")
             assert holder.activity == "application"
-            assert holder.now_at[0] == (str(HERE), line_of("waiting-in-thread"), "hold_in_thread")
+            assert holder.now_at[0] == (str(HERE), line_of(HERE, "waiting-in-thread"), "hold_in_thread")
             assert holder.transaction_for is not None and holder.transaction_for > 0
         for holder in by_kind["connection"]:
-            assert holder.opened_at == (str(HERE), line_of("opened-in-task"), "hold_in_task")
+            assert holder.opened_at == (str(HERE), line_of(HERE, "opened-in-task"), "hold_in_task")
             assert holder.holder.startswith("task ")
             assert holder.activity == "awaiting"
-            assert holder.now_at[0] == (str(HERE), line_of("awaiting-in-task"), "hold_in_task")
+            assert holder.now_at[0] == (str(HERE), line_of(HERE, "awaiting-in-task"), "hold_in_task")
             assert holder.transaction_for is None  # a Core connection begins on first use
         assert by_kind["raw"][0].opened_at is None
         raw.close()
@@ -125,7 +117,7 @@ def test_a_pool_timeout_logs_the_holders_once_per_interval(
     assert len(warnings) == 1
     assert "2 in use (max 2), 0 idle" in warnings[0]
     assert (
-        f"2 of 2 held by outside any request, opened at {HERE}:{line_of('holding-the-pool')} "
+        f"2 of 2 held by outside any request, opened at {HERE}:{line_of(HERE, 'holding-the-pool')} "
         "in test_a_pool_timeout_logs_the_holders_once_per_interval"
     ) in warnings[0]
     events = monitor.pool_events()
@@ -203,8 +195,8 @@ def test_idle_in_transaction_is_found_by_sampling_and_reported_once(
         time.sleep(0.1)
     found = [r.getMessage() for r in caplog.records if "idle in transaction" in r.getMessage()]
     assert len(found) == 1
-    assert f"opened at {HERE}:{line_of('idle-opened')}" in found[0]
-    assert f"now at {HERE}:{line_of('idle-elsewhere')}" in found[0]
+    assert f"opened at {HERE}:{line_of(HERE, 'idle-opened')}" in found[0]
+    assert f"now at {HERE}:{line_of(HERE, 'idle-elsewhere')}" in found[0]
     assert sample(
         registry, "sqlalchemy_sessions_idle_in_transaction_total", route="<none>", method="<none>"
     ) == 1

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from conftest import total
+from conftest import line_of, total
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
@@ -25,13 +25,6 @@ from session_monitor import SessionMonitor
 pytestmark = pytest.mark.anyio
 
 HERE = Path(__file__).resolve()
-
-
-def line_of(marker: str) -> int:
-    for number, line in enumerate(HERE.read_text().splitlines(), 1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(marker)
 
 
 class Base(DeclarativeBase):
@@ -313,7 +306,7 @@ async def test_each_pitfall_once_per_occurrence_with_its_route_and_line(
             ("nested_checkout", "nested-checkout"),
         ]:
             (message,) = [m for m in said if m.startswith(f"Pitfall ({kind})")]
-            assert f"{HERE}:{line_of(marker)}" in message, message
+            assert f"{HERE}:{line_of(HERE, marker)}" in message, message
         leaks = [r.getMessage() for r in caplog.records if "Leaked session" in r.getMessage()]
         assert len(leaks) == 3
         assert all("answered 404" in m and "finally:" in m for m in leaks)

@@ -216,33 +216,44 @@ async def hold_the_pool(engine: Any, held: asyncio.Event, release: asyncio.Event
         await release.wait()  # holder-awaits
 
 
-async def test_an_asyncio_pool_timeout_shows_where_the_holder_is(
-    tmp_path: Path,
-    registry: CollectorRegistry,
-    make_monitor: Callable[..., SessionMonitor],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def one_connection_engine(tmp_path: Path) -> Any:
+    """aiosqlite with a pool of one connection, which a second caller waits 0.2 s for."""
     pytest.importorskip("aiosqlite")
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine = create_async_engine(
+    return create_async_engine(
         f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
         poolclass=AsyncAdaptedQueuePool,  # SQLAlchemy 2.0 gives aiosqlite a NullPool otherwise
         pool_size=1,
         max_overflow=0,
         pool_timeout=0.2,
     )
+
+
+async def time_out_waiting(engine: Any, caplog: pytest.LogCaptureFixture) -> str:
+    """Wait for a connection of the exhausted pool until the pool times out: its WARNING."""
+    with caplog.at_level(logging.WARNING, logger="session_monitor"), pytest.raises(
+        exc.TimeoutError
+    ):
+        async with engine.connect():  # the-waiter
+            pass
+    (warning,) = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
+    return warning
+
+
+async def test_an_asyncio_pool_timeout_shows_where_the_holder_is(
+    tmp_path: Path,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = one_connection_engine(tmp_path)
     make_monitor(engine, registry=registry)
     held, release = asyncio.Event(), asyncio.Event()
     holder = asyncio.create_task(hold_the_pool(engine, held, release))
     try:
         await asyncio.wait_for(held.wait(), 5)
-        with caplog.at_level(logging.WARNING, logger="session_monitor"), pytest.raises(
-            exc.TimeoutError
-        ):
-            async with engine.connect():  # the-waiter
-                pass
-        (warning,) = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
+        warning = await time_out_waiting(engine, caplog)
         now = f"now at {HERE}:{line_of(HERE, 'holder-awaits')} in hold_the_pool (awaiting)"
         assert now in warning, warning
         assert f":{line_of(HERE, 'the-waiter')} " not in warning
@@ -258,16 +269,7 @@ async def test_a_holder_task_that_has_ended_is_not_where_the_waiter_is(
     make_monitor: Callable[..., SessionMonitor],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pytest.importorskip("aiosqlite")
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(
-        f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
-        poolclass=AsyncAdaptedQueuePool,  # SQLAlchemy 2.0 gives aiosqlite a NullPool otherwise
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=0.2,
-    )
+    engine = one_connection_engine(tmp_path)
     monitor = make_monitor(engine, registry=registry)
     kept = []
 
@@ -276,14 +278,9 @@ async def test_a_holder_task_that_has_ended_is_not_where_the_waiter_is(
 
     await asyncio.create_task(take_and_keep())
     try:
-        with caplog.at_level(logging.WARNING, logger="session_monitor"), pytest.raises(
-            exc.TimeoutError
-        ):
-            async with engine.connect():  # the-waiter-again
-                pass
-        (warning,) = [r.getMessage() for r in caplog.records if "exhausted" in r.getMessage()]
+        warning = await time_out_waiting(engine, caplog)
         assert "now at <unknown> (unknown)" in warning, warning
-        assert f":{line_of(HERE, 'the-waiter-again')} " not in warning
+        assert f":{line_of(HERE, 'the-waiter')} " not in warning
         assert [h.holder for h in monitor.holders()] == ["a task that has ended"]
     finally:
         await kept[0].close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.pool import QueuePool
 
 from session_monitor import SessionMonitor
@@ -47,6 +47,16 @@ def postgres_url() -> str:
             "(for example postgresql+psycopg://postgres@127.0.0.1:5432/test)"
         )
     return url
+
+
+@pytest.fixture(params=["aiosqlite", pytest.param("asyncpg", marks=pytest.mark.postgres)])
+def async_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An async driver's URL, for each: aiosqlite on a file, asyncpg on the PostgreSQL server."""
+    pytest.importorskip(request.param)
+    if request.param == "aiosqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'async.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(False)
 
 
 @pytest.fixture

@@ -174,23 +174,12 @@ def test_no_pitfall_for_a_session_bound_to_a_fixtures_outer_connection(
     assert pitfalls(registry) == 0
 
 
-@pytest.mark.parametrize("driver", ["aiosqlite", pytest.param("asyncpg", marks=pytest.mark.postgres)])
 async def test_no_pitfall_for_async_sessions(
-    driver: str,
-    request: pytest.FixtureRequest,
-    tmp_path: Path,
-    registry: CollectorRegistry,
-    make_monitor: Callable[..., SessionMonitor],
+    async_url: str, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
 ) -> None:
-    pytest.importorskip(driver)
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-    if driver == "aiosqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
-    else:
-        pg: str = request.getfixturevalue("postgres_url")
-        url = make_url(pg).set(drivername="postgresql+asyncpg").render_as_string(False)
-    engine = create_async_engine(url)
+    engine = create_async_engine(async_url)
     async with engine.begin() as connection:
         await connection.run_sync(Base.metadata.create_all)
     monitor = make_monitor(engine, registry=registry)

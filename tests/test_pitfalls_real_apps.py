@@ -18,7 +18,6 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, insert, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
 from test_pitfalls import Note, client, pitfalls
@@ -31,17 +30,11 @@ pytestmark = pytest.mark.anyio
 notes = Note.__table__
 
 
-@pytest.fixture(params=["aiosqlite", pytest.param("asyncpg", marks=pytest.mark.postgres)])
-async def async_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    pytest.importorskip(request.param)
+@pytest.fixture
+async def async_engine(async_url: str) -> AsyncIterator[Any]:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    if request.param == "aiosqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'async.db'}"
-    else:
-        pg: str = request.getfixturevalue("postgres_url")
-        url = make_url(pg).set(drivername="postgresql+asyncpg").render_as_string(False)
-    made = create_async_engine(url)
+    made = create_async_engine(async_url)
     async with made.begin() as connection:
         await connection.run_sync(notes.create)
     yield made

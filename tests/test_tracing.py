@@ -602,14 +602,6 @@ def test_sqlalchemy_instrumentor_needs_skip_dep_check_on_sqlalchemy_21(
     assert_child(statement, session_span)
 
 
-@pytest.fixture(params=["aiosqlite", pytest.param("asyncpg", marks=pytest.mark.postgres)])
-def async_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "aiosqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(False)
-
-
 async def test_async_session_trace_tree(
     async_url: str,
     otel: Otel,

@@ -57,6 +57,16 @@ def pitfalls(registry: CollectorRegistry, **labels: str) -> float:
     return total(registry, "sqlalchemy_session_pitfalls_total", **labels)
 
 
+class PitfallRecorder:
+    """An observer that keeps each pitfall's kind and the application line it names."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def session_pitfall(self, session: Any, kind: str, location: Any) -> None:
+        self.seen.append((kind, location))
+
+
 def client(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
@@ -330,18 +340,14 @@ def test_the_forgotten_commit_outside_a_request_and_its_exceptions(
 def test_pitfalls_reach_observers_too(
     engine: Engine, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
 ) -> None:
-    seen: list[tuple[str, Any]] = []
-
-    class Recorder:
-        def session_pitfall(self, session: Any, kind: str, location: Any) -> None:
-            seen.append((kind, location))
-
-    make_monitor(engine, registry=registry, observers=[Recorder()])
+    recorder = PitfallRecorder()
+    make_monitor(engine, registry=registry, observers=[recorder])
     with Session(engine) as session:
         session.add(Note(text="k"))
         session.flush()
-    assert [kind for kind, _ in seen] == ["uncommitted_changes"]
-    file, _, function = seen[0][1]  # where the session was closed: the end of the with block
+    assert [kind for kind, _ in recorder.seen] == ["uncommitted_changes"]
+    # Where the session was closed: the end of the with block.
+    file, _, function = recorder.seen[0][1]
     assert (file, function) == (str(HERE), "test_pitfalls_reach_observers_too")
 
 

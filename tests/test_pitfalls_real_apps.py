@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.exc import IntegrityError, NoResultFound
 from sqlalchemy.orm import Session, sessionmaker
-from test_pitfalls import Note, client, pitfalls
+from test_pitfalls import Note, PitfallRecorder, client, pitfalls
 from test_pitfalls import engine as engine  # the fixture: SQLite and PostgreSQL (psycopg)
 
 from session_monitor import SessionMonitor
@@ -49,16 +49,6 @@ def outcomes(registry: CollectorRegistry) -> dict[str, float]:
         for outcome in ("commit", "rollback", "close")
     }
     return {outcome: n for outcome, n in found.items() if n}
-
-
-class Pitfalls:
-    """An observer that keeps each pitfall's kind and the application line it names."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, Any]] = []
-
-    def session_pitfall(self, session: Any, kind: str, location: Any) -> None:
-        self.seen.append((kind, location))
 
 
 # -- 5. silent on correct code -------------------------------------------------------------------
@@ -328,7 +318,7 @@ def get_or_create_app(engine: Engine) -> FastAPI:
 async def test_a_forgotten_commit_in_an_except_block_is_caught(
     engine: Engine, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
 ) -> None:
-    seen = Pitfalls()
+    seen = PitfallRecorder()
     monitor = make_monitor(engine, registry=registry, observers=[seen])
     app = get_or_create_app(engine)
     monitor.instrument_app(app)

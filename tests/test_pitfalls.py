@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+from _apps import closing_get_db
 from conftest import line_of, total
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
@@ -76,12 +77,7 @@ def correct_app(engine: Engine) -> FastAPI:
     SessionLocal = sessionmaker(engine)
     app = FastAPI()
 
-    def get_db() -> Iterator[Session]:
-        db = SessionLocal()
-        try:
-            yield db
-        finally:
-            db.close()
+    get_db = closing_get_db(SessionLocal)
 
     Db = Annotated[Session, Depends(get_db)]
 
@@ -225,12 +221,7 @@ def pitfall_app(engine: Engine) -> tuple[FastAPI, list[Session]]:
     kept: list[Session] = []
     app = FastAPI()
 
-    def get_db() -> Iterator[Session]:
-        db = SessionLocal()
-        try:
-            yield db
-        finally:
-            db.close()
+    get_db = closing_get_db(SessionLocal)
 
     def get_db_without_finally() -> Iterator[Session]:
         db = SessionLocal()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
-from _apps import build_app
+from _apps import build_app, closing_get_db
 from conftest import total
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.testclient import TestClient
@@ -128,12 +128,7 @@ def notes_app(engine: Engine) -> tuple[FastAPI, Callable[[], Iterator[Session]]]
     SessionLocal = sessionmaker(engine)
     app = FastAPI()
 
-    def get_db() -> Iterator[Session]:
-        db = SessionLocal()
-        try:
-            yield db
-        finally:
-            db.close()
+    get_db = closing_get_db(SessionLocal)
 
     Db = Annotated[Session, Depends(get_db)]
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import sample, total
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -62,14 +62,20 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+def connected(engine: Engine, count: int) -> list[Connection]:
+    """`count` connections out of the pool at once, each used: the pool has opened as many."""
+    connections = [engine.connect() for _ in range(count)]
+    for connection in connections:
+        connection.execute(text("select 1"))
+    return connections
+
+
 def checkout_that_waits(
     engine: Engine, bound: int, registry: CollectorRegistry, pool: str
 ) -> float:
     """Hold the `bound` connections the engine's pool allows, let one more caller wait, then
     release one: returns the pending gauge seen while that caller waited."""
-    held = [engine.connect() for _ in range(bound)]
-    for connection in held:
-        connection.execute(text("select 1"))
+    held = connected(engine, bound)
     waiter = threading.Thread(target=lambda: engine.connect().close())
     waiter.start()
     # The waiter is in the pool's queue once the pool says nothing is left for it.
@@ -234,9 +240,7 @@ def test_dispose_without_closing(
 ) -> None:
     engine = make_engine(sqlite_url, pool_size=4, max_overflow=0, pool_timeout=5)
     make_monitor(engine, registry=registry)
-    connections = [engine.connect() for _ in range(4)]
-    for connection in connections:
-        connection.execute(text("select 1"))
+    for connection in connected(engine, 4):
         connection.close()
     assert gauges(registry, SQLITE_POOL) == (4, 0)
 
@@ -264,9 +268,7 @@ def test_idle_connections_opened_before_the_monitor_are_idle(
     make_monitor: Callable[..., SessionMonitor],
 ) -> None:
     engine = make_engine(sqlite_url, pool_size=3, max_overflow=0, pool_timeout=5)
-    connections = [engine.connect() for _ in range(3)]
-    for connection in connections:
-        connection.execute(text("select 1"))
+    for connection in connected(engine, 3):
         connection.close()
     make_monitor(engine, registry=registry)
     assert gauges(registry, SQLITE_POOL) == (engine.pool.checkedin(), 0) == (3, 0)  # type: ignore[attr-defined]
@@ -309,9 +311,7 @@ def test_a_forked_child_counts_its_own_pool(
 ) -> None:
     engine = make_engine(sqlite_url, pool_size=5, max_overflow=0, pool_timeout=5)
     make_monitor(engine, registry=registry, leak_threshold=0.3)
-    connections = [engine.connect() for _ in range(4)]
-    for connection in connections:
-        connection.execute(text("select 1"))
+    connections = connected(engine, 4)
     held = connections.pop()
     for connection in connections:
         connection.close()

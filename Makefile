@@ -40,7 +40,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# The whole suite on the newest end (about 13 minutes on 2 cores, 9 of them SQLAlchemy's own
+# The whole suite on the newest end (about 9 minutes on 2 cores, most of them SQLAlchemy's own
 # suite), then again on the oldest (about 3), less three things: SQLAlchemy's own suite (minutes
 # more, on the same bed), test_dashboard_otel_forms.py (OpenTelemetry's Prometheus exporter needs
 # an SDK far above the floor) and the browser test (selenium is a dev tool; the page is the same).

@@ -5,8 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,3 +141,44 @@ def run_bed(tmp_path: Path, module: str, *args: str, timeout: float, suite: str)
         f"{' '.join(command)} exited {done.returncode}:\n" + "\n".join(output[-30:]),
         pytrace=False,
     )
+
+
+CHILD_TIMEOUT = 10.0  # a forked child's whole work in these tests takes well under a second
+
+
+def in_child(work: Callable[[], dict[str, Any]], timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
+    """Fork; the child runs `work` and sends back what it returns. A child that does not finish
+    within `timeout` is killed and the test fails: it hangs."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.close(read)
+            try:
+                numbers = work()
+            except BaseException:
+                numbers = {"error": traceback.format_exc()}
+            os.write(write, json.dumps(numbers).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"the forked child did not finish within {timeout:g}s: it hangs")
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child: dict[str, Any] = json.loads(b"".join(chunks))
+    assert "error" not in child, child["error"]
+    return child

@@ -9,18 +9,15 @@ forked child the gauges follow the engine's live pool, whose own counts (`pool.c
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from conftest import sample, total
+from conftest import in_child, sample, total
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Connection, Engine, text
@@ -279,27 +276,23 @@ def test_idle_connections_opened_before_the_monitor_are_idle(
     assert balanced(registry, SQLITE_POOL)
 
 
-def _child(engine: Engine, registry: CollectorRegistry, report: int) -> None:
+def _child(engine: Engine, registry: CollectorRegistry) -> dict[str, Any]:
     """In the forked child: SQLAlchemy's recipe, one connection of its own, a session held past
-    the leak threshold; then its numbers, over the pipe."""
-    try:
-        engine.dispose(close=False)
-        with engine.connect() as connection:
-            connection.execute(text("select 1"))
-        with Session(engine) as session:
-            session.execute(text("select 1"))
-            time.sleep(1.0)  # past leak_threshold: only a running age watcher reports it
-        live = engine.pool
-        numbers: dict[str, Any] = {
-            "gauges": gauges(registry, SQLITE_POOL),
-            "live": (live.checkedin(), live.checkedout()),  # type: ignore[attr-defined]
-            "balanced": balanced(registry, SQLITE_POOL),
-            "age_leaks": total(registry, "sqlalchemy_sessions_leaked_total", reason="age"),
-            "threads": sorted(t.name for t in threading.enumerate() if t.is_alive()),
-        }
-    except BaseException:
-        numbers = {"error": traceback.format_exc()}
-    os.write(report, json.dumps(numbers).encode())
+    the leak threshold; then its numbers."""
+    engine.dispose(close=False)
+    with engine.connect() as connection:
+        connection.execute(text("select 1"))
+    with Session(engine) as session:
+        session.execute(text("select 1"))
+        time.sleep(1.0)  # past leak_threshold: only a running age watcher reports it
+    live = engine.pool
+    return {
+        "gauges": gauges(registry, SQLITE_POOL),
+        "live": (live.checkedin(), live.checkedout()),  # type: ignore[attr-defined]
+        "balanced": balanced(registry, SQLITE_POOL),
+        "age_leaks": total(registry, "sqlalchemy_sessions_leaked_total", reason="age"),
+        "threads": sorted(t.name for t in threading.enumerate() if t.is_alive()),
+    }
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.fork as gunicorn uses it")
@@ -317,23 +310,7 @@ def test_a_forked_child_counts_its_own_pool(
         connection.close()
     assert gauges(registry, SQLITE_POOL) == (3, 1)
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        os.close(read)
-        try:
-            _child(engine, registry, write)
-        finally:
-            os._exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    child = json.loads(b"".join(chunks))
-    assert "error" not in child, child.get("error")
+    child = in_child(lambda: _child(engine, registry))
 
     # Its own connection idle, none of the parent's, the held one not its own.
     assert child["gauges"] == child["live"] == [1, 0]

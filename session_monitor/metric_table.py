@@ -25,14 +25,20 @@ class MetricSpec(NamedTuple):
     unit: str = ""
 
 
-POOL = ("pool_name",)
+# The OpenTelemetry semantic conventions' attributes db.client.connection.pool.name and
+# db.client.connection.state as Prometheus labels, spelled as OpenTelemetry's Prometheus exporter
+# spells them: a pool exported by either reads the same in one query. Every metric of a pool
+# carries the same pool label, its own sqlalchemy_pool_* metrics too, so that they join on it.
+POOL_LABEL = "db_client_connection_pool_name"
+STATE_LABEL = "db_client_connection_state"
+POOL = (POOL_LABEL,)
 SESSION = ("route", "method")
 
 CONNECTION_COUNT = MetricSpec(
     "db_client_connection_count",
     "gauge",
     "Pooled connections by state (idle: open in the pool, used: checked out).",
-    (*POOL, "state"),
+    (*POOL, STATE_LABEL),
     otel_name="db.client.connection.count",
     unit="{connection}",
 )

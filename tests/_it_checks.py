@@ -87,7 +87,7 @@ def assert_invariants(registry: CollectorRegistry) -> None:
                 )
     checkouts = total(registry, "db_client_connection_wait_time_seconds_count")
     checkins = total(registry, "db_client_connection_use_time_seconds_count")
-    used = total(registry, "db_client_connection_count", state="used")
+    used = total(registry, "db_client_connection_count", db_client_connection_state="used")
     assert checkouts == checkins + used, (
         f"checkouts {checkouts} != checkins {checkins} + used {used}"
     )
@@ -135,8 +135,8 @@ class GaugeSampler:
         for s in gauge_samples(self.registry):
             if s.value < 0:
                 watch.negative.append((s.name, dict(s.labels), s.value))
-            pool = s.labels.get("pool_name", "")
-            if s.name == "db_client_connection_count" and s.labels.get("state") == "used":
+            pool = s.labels.get("db_client_connection_pool_name", "")
+            if s.name == "db_client_connection_count" and s.labels.get("db_client_connection_state") == "used":
                 used[pool] = s.value
                 watch.max_used[pool] = max(watch.max_used.get(pool, 0.0), s.value)
             elif s.name == "db_client_connection_max":

@@ -250,12 +250,12 @@ async def test_every_engine_mode_sees_engines_created_later(
             assert (await http.get(path)).status_code == 200
     assert sample(registry, "sqlalchemy_sessions_closed_total", route="/a", method="GET") == 2
     assert sample(registry, "sqlalchemy_sessions_closed_total", route="/b", method="GET") == 1
-    assert sample(registry, "db_client_connection_max", pool_name="app.db") == 4
+    assert sample(registry, "db_client_connection_max", db_client_connection_pool_name="app.db") == 4
     assert (
-        sample(registry, "db_client_connection_use_time_seconds_count", pool_name="second.db") == 1
+        sample(registry, "db_client_connection_use_time_seconds_count", db_client_connection_pool_name="second.db") == 1
     )
     assert (
-        sample(registry, "db_client_connection_create_time_seconds_count", pool_name="app.db") == 1
+        sample(registry, "db_client_connection_create_time_seconds_count", db_client_connection_pool_name="app.db") == 1
     )
 
 
@@ -281,10 +281,10 @@ def test_savepoints_dispose_and_reuse_of_a_closed_session(
     assert sample(registry, "sqlalchemy_transactions_total", outcome="commit", **none) == 1
     assert sample(registry, "sqlalchemy_transactions_total", outcome="close", **none) == 1
     assert (
-        sample(registry, "db_client_connection_create_time_seconds_count", pool_name="app.db") == 2
+        sample(registry, "db_client_connection_create_time_seconds_count", db_client_connection_pool_name="app.db") == 2
     )
-    assert total(registry, "db_client_connection_count", state="used") == 0
-    assert sample(registry, "db_client_connection_count", pool_name="app.db", state="idle") == 1
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
+    assert sample(registry, "db_client_connection_count", db_client_connection_pool_name="app.db", db_client_connection_state="idle") == 1
 
 
 async def test_async_engine_and_async_session(
@@ -363,7 +363,7 @@ async def test_async_engine_and_async_session(
     )
     await leaked[0].close()
     assert total(registry, "sqlalchemy_sessions_active") == 0
-    assert total(registry, "db_client_connection_count", state="used") == 0
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
     await engine.dispose()
     gc.collect()
 
@@ -398,13 +398,13 @@ def test_invalidated_connections_are_counted_without_internal_errors(
         connection.execute(text("SELECT 1"))
         connection.invalidate()
         connection.rollback()
-    pool = {"pool_name": "app.db"}
+    pool = {"db_client_connection_pool_name": "app.db"}
     invalidations = "sqlalchemy_pool_invalidations_total"
     assert sample(registry, invalidations, soft="false", reason="explicit", **pool) == 2
     assert total(registry, invalidations, **pool) == 2
     assert total(registry, "session_monitor_internal_errors_total") == 0
     assert total(registry, "sqlalchemy_sessions_active") == 0
-    assert total(registry, "db_client_connection_count", state="used") == 0
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
 
 
 def test_monitoring_keeps_statements_off_the_event_dispatch_path(

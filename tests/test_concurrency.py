@@ -129,7 +129,7 @@ async def test_concurrent_mixed_requests_add_up(
     used_db = sum(sent[(method, path)] for method, path, kind in MIXED_ROUTES if kind != "nodb")
     assert total(registry, "sqlalchemy_sessions_opened_total") == used_db
     assert total(registry, "sqlalchemy_sessions_active") == 0
-    assert total(registry, "db_client_connection_count", state="used") == 0
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
     assert total(registry, "db_client_connection_pending_requests") == 0
     assert total(registry, "db_client_connection_timeouts_total") == 0
     assert monitor.tracked_sessions == 0
@@ -156,7 +156,7 @@ def test_client_disconnect_mid_request(
     pool = pool_name_for(make_url(sqlite_url))
 
     def used() -> float:
-        return sample(registry, "db_client_connection_count", pool_name=pool, state="used")
+        return sample(registry, "db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="used")
 
     with serve(served.app) as running:
         # A streaming body that closes its session in `finally`: the disconnect cancels it.

@@ -36,7 +36,7 @@ def assert_balanced(registry: CollectorRegistry) -> None:
     assert opened == closed + active
     checkouts = total(registry, "db_client_connection_wait_time_seconds_count")
     checkins = total(registry, "db_client_connection_use_time_seconds_count")
-    used = total(registry, "db_client_connection_count", state="used")
+    used = total(registry, "db_client_connection_count", db_client_connection_state="used")
     assert checkouts == checkins + used
     for metric in registry.collect():
         if metric.type == "gauge":
@@ -170,7 +170,7 @@ async def test_request_end_leaks_counted_once_and_logged_with_location(
     assert route_count(registry, "sqlalchemy_sessions_leaked_total", "/leak/core") == 2
     # Still open, so still active: leaking is not closing.
     assert total(registry, "sqlalchemy_sessions_active") == 6
-    assert sample(registry, "db_client_connection_count", pool_name="app.db", state="used") == 5
+    assert sample(registry, "db_client_connection_count", db_client_connection_pool_name="app.db", db_client_connection_state="used") == 5
 
     for resource in leaked:
         resource.close()
@@ -179,7 +179,7 @@ async def test_request_end_leaks_counted_once_and_logged_with_location(
     # Closing later is a close, not a second leak.
     assert total(registry, "sqlalchemy_sessions_leaked_total") == 5
     assert total(registry, "sqlalchemy_sessions_active") == 0
-    assert sample(registry, "db_client_connection_count", pool_name="app.db", state="used") == 0
+    assert sample(registry, "db_client_connection_count", db_client_connection_pool_name="app.db", db_client_connection_state="used") == 0
     assert_balanced(registry)
 
 
@@ -203,7 +203,7 @@ async def test_garbage_collected_session_is_a_gc_leak_once(
     assert route_count(registry, "sqlalchemy_sessions_leaked_total", "/leak") == 1
     assert total(registry, "sqlalchemy_sessions_active") == 0
     assert total(registry, "sqlalchemy_sessions_closed_total") == 5
-    assert sample(registry, "db_client_connection_count", pool_name="app.db", state="used") == 0
+    assert sample(registry, "db_client_connection_count", db_client_connection_pool_name="app.db", db_client_connection_state="used") == 0
     assert_balanced(registry)
 
 
@@ -309,12 +309,12 @@ async def test_pool_exhaustion_counts_timeouts_and_waits(
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(200) >= 2 and statuses.count(503) >= 1
     assert set(statuses) <= {200, 503}
-    pool = {"pool_name": "app.db"}
+    pool = {"db_client_connection_pool_name": "app.db"}
     assert sample(registry, "db_client_connection_timeouts_total", **pool) == statuses.count(503)
     assert sample(registry, "db_client_connection_max", **pool) == 2
     assert sample(registry, "db_client_connection_pending_requests", **pool) == 0
-    assert sample(registry, "db_client_connection_count", state="used", **pool) == 0
-    assert sample(registry, "db_client_connection_count", state="idle", **pool) == 2
+    assert sample(registry, "db_client_connection_count", db_client_connection_state="used", **pool) == 0
+    assert sample(registry, "db_client_connection_count", db_client_connection_state="idle", **pool) == 2
     # Every success waited, some for a holder to finish: the slowest wait is well above zero.
     waits = sample(registry, "db_client_connection_wait_time_seconds_sum", **pool)
     assert waits > 0
@@ -467,6 +467,6 @@ def test_a_checkout_past_the_engine_is_counted_on_neither_side(
     direct = engine.pool.connect()
     direct.close()
     assert [total(registry, name) for name in counts] == before
-    assert total(registry, "db_client_connection_count", state="used") == 0
-    assert total(registry, "db_client_connection_count", state="idle") == 1
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
+    assert total(registry, "db_client_connection_count", db_client_connection_state="idle") == 1
     assert total(registry, "session_monitor_internal_errors_total") == 0

@@ -18,7 +18,7 @@ from dashboard_queries import (
     substitute,
 )
 
-from session_monitor.metric_table import ALL_METRICS
+from session_monitor.metric_table import ALL_METRICS, POOL_LABEL, STATE_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"
@@ -47,8 +47,6 @@ SESSION_METRICS = {
     "sqlalchemy_sessions_idle_in_transaction_total",
     "sqlalchemy_session_pitfalls_total",
 }
-# The OpenTelemetry connection-pool conventions: the Pool row reads them in both label forms.
-SEMCONV_METRICS = {m for m in POOL_METRICS if m.startswith("db_client_connection_")}
 OTHER_METRICS = {"session_monitor_internal_errors_total"}
 HISTOGRAMS = {
     "db_client_connection_wait_time_seconds",
@@ -61,16 +59,13 @@ CONTRACT = POOL_METRICS | SESSION_METRICS | OTHER_METRICS
 
 INSTANCE_FILTERS = {"job": '=~"$job"', "instance": '=~"$instance"'}
 REQUIRED_FILTERS = {
-    **{m: INSTANCE_FILTERS for m in POOL_METRICS},  # + the pool, in one of the two forms
+    **{m: {**INSTANCE_FILTERS, POOL_LABEL: '=~"$pool_name"'} for m in POOL_METRICS},
     **{m: {**INSTANCE_FILTERS, "route": '=~"$route"'} for m in SESSION_METRICS},
     **{m: INSTANCE_FILTERS for m in OTHER_METRICS},
 }
-# session_monitor's pool and state labels, and what OpenTelemetry's Prometheus exporter makes of
-# the attributes db.client.connection.pool.name and db.client.connection.state.
-OWN_POOL, OTEL_POOL = "pool_name", "db_client_connection_pool_name"
-OWN_STATE, OTEL_STATE = "state", "db_client_connection_state"
-RENAME_POOL = f'"{OWN_POOL}", "$1", "{OTEL_POOL}", "(.+)"'
-RENAME_STATE = f'"{OWN_STATE}", "$1", "{OTEL_STATE}", "(.+)"'
+# What session_monitor called its pool and state labels before it took the semantic
+# conventions' (as OpenTelemetry's Prometheus exporter spells them).
+OLD_LABELS = ("pool_name", "state")
 
 ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions", "Pitfalls")
 # Where each metric must be drawn (the Overview row repeats some of them).
@@ -92,7 +87,7 @@ TRACEQL = "{ span.session_monitor.leaked = true }"
 ALL_VARIABLES = {
     "job": ".*",
     "instance": ".*",
-    "pool_name": ".+",  # its allValue: see test_pool_variable_finds_both_label_forms
+    "pool_name": ".*",
     "route": ".*",
     "__rate_interval": "1m",
     "__range": "1h",
@@ -156,7 +151,7 @@ def rows_and_children() -> dict[str, list[dict[str, Any]]]:
 def test_identity() -> None:
     assert DASHBOARD["uid"] == "session-monitor"
     assert DASHBOARD["title"] == "SQLAlchemy sessions & pool"
-    assert 36 <= DASHBOARD["schemaVersion"] <= 41
+    assert 36 <= DASHBOARD["schemaVersion"] <= 41  # Grafana 10.4 to 11.6
 
 
 def template_variables() -> dict[str, dict[str, Any]]:
@@ -190,12 +185,11 @@ def test_template_variables() -> None:
         assert variable["datasource"]["uid"] == "${datasource}", name
         assert variable["multi"] is True, name
         assert variable["includeAll"] is True, name
-        if name == "pool_name":
-            continue  # test_pool_variable_finds_both_label_forms
         assert variable["allValue"] == ".*", name
+        label = POOL_LABEL if name == "pool_name" else name
         query = variable_query(variable)
-        match = re.fullmatch(rf"label_values\(({_IDENTIFIER})(\{{[^}}]*\}})?,\s*{name}\)", query)
-        assert match, f"{name}: {query!r} is not label_values(<metric>, {name})"
+        match = re.fullmatch(rf"label_values\(({_IDENTIFIER})(\{{[^}}]*\}})?,\s*{label}\)", query)
+        assert match, f"{name}: {query!r} is not label_values(<metric>, {label})"
         assert match.group(1) in CONTRACT, f"{name}: {match.group(1)} is not in the contract"
 
 
@@ -253,7 +247,7 @@ def test_contract_is_the_metrics_table() -> None:
     assert {spec.name for spec in ALL_METRICS if spec.kind == "histogram"} == HISTOGRAMS
     for spec in ALL_METRICS:
         name = spec.name + ("_total" if spec.kind == "counter" else "")
-        if "pool_name" in spec.labels:
+        if POOL_LABEL in spec.labels:
             assert name in POOL_METRICS, name
         elif "route" in spec.labels:
             assert name in SESSION_METRICS, name
@@ -292,79 +286,34 @@ def test_expr_filters_by_variables(title: str, expr: str) -> None:
             found = label_matchers(selector)
             missing = {k: v for k, v in REQUIRED_FILTERS[base].items() if found.get(k) != v}
             assert not missing, f"{title}: {name}{selector} lacks {missing}"
-            if base in POOL_METRICS:
-                # Semantic-convention metrics in either label form, session_monitor's own in its.
-                forms = (OWN_POOL, OTEL_POOL) if base in SEMCONV_METRICS else (OWN_POOL,)
-                pools = [label for label in forms if found.get(label) == '=~"$pool_name"']
-                assert len(pools) == 1, f"{title}: {name}{selector} filters no pool by {forms}"
 
 
-def semconv_exprs() -> list[tuple[str, str]]:
-    return [
-        (title, expr)
-        for title, expr in all_exprs()
-        if any(contract_base(name) in SEMCONV_METRICS for name in metric_names(expr))
-    ]
-
-
-@pytest.mark.parametrize(("title", "expr"), semconv_exprs())
-def test_semconv_queries_read_both_label_forms(title: str, expr: str) -> None:
-    """Every selector of a semantic-convention metric has a twin in the OpenTelemetry exporter's
-    form (same filters, its state label for ours), and where the result is grouped by pool or
-    state, that twin's labels are renamed to ours."""
-    otel_selectors = 0
-    for name in metric_names(expr):
-        if contract_base(name) not in SEMCONV_METRICS:
-            continue
-        own, otel = [], []
-        for selector in selectors(expr, name):
-            found = label_matchers(selector)
-            if OTEL_POOL in found:
-                assert OWN_POOL not in found and OWN_STATE not in found, f"{title}: {selector}"
-                otel.append((found.get(OTEL_STATE), found.pop(OTEL_POOL)))
-            else:
-                own.append((found.get(OWN_STATE), found.pop(OWN_POOL)))
-        assert own, f"{title}: {name} is read only in the OpenTelemetry exporter's form"
-        assert sorted(own, key=str) == sorted(otel, key=str), (
-            f"{title}: {name} in session_monitor's form {own}, in the exporter's {otel}"
-        )
-        otel_selectors += len(otel)
+@pytest.mark.parametrize(("title", "expr"), all_exprs())
+def test_one_branch_and_the_conventions_labels(title: str, expr: str) -> None:
+    """Every pool exported by session_monitor or by OpenTelemetry's Prometheus exporter carries
+    the same labels: no query renames a label or reads the old ones."""
+    assert "label_replace" not in expr, title
+    matched = {
+        label for selector in re.findall(r"\{[^}]*\}", expr) for label in label_matchers(selector)
+    }
     grouped = {
         label.strip()
-        for labels in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr)
+        for labels in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr)
         for label in labels.split(",")
     }
-    assert not grouped & {OTEL_POOL, OTEL_STATE}, f"{title}: grouped by {grouped}"
-    if OWN_POOL in grouped:
-        assert expr.count(RENAME_POOL) == otel_selectors, f"{title}: not every pool renamed"
-    if OWN_STATE in grouped:
-        assert expr.count(RENAME_STATE) == otel_selectors, f"{title}: not every state renamed"
+    assert not (matched | grouped) & set(OLD_LABELS), f"{title}: {expr}"
+    reads_pools = any(contract_base(name) in POOL_METRICS for name in metric_names(expr))
+    if reads_pools and grouped - {"job", "instance"}:
+        # A pool query broken down by anything keeps each pool's series apart.
+        assert POOL_LABEL in grouped, title
 
 
-def test_pool_variable_finds_both_label_forms(tmp_path: Path) -> None:
-    """The Pool variable lists the pools of both forms, and its All is `.+`: no series lacks the
-    pool label of its form, while `.*` would also match the label's absence, so that a query's
-    session_monitor branch would take in the other form's series too (counted twice, once
-    without a pool). Both forms at once, through promtool: no pool counted twice or lost."""
-    variable = template_variables()["pool_name"]
-    assert variable["allValue"] == ".+"
-    query = variable_query(variable)
-    assert variable["definition"] == query
-    assert variable["query"]["qryType"] == 3  # query_result
-    match = re.fullmatch(r"query_result\((.+)\)", query)
-    assert match, query
-    pools = match.group(1)
-    assert metric_names(pools) == {"db_client_connection_count"}
-    assert RENAME_POOL in pools
-    regex = variable["regex"]
-    assert regex.startswith("/") and regex.endswith("/"), regex
-    # What Grafana matches it against: query_result's lines.
-    for line, pool in (('{pool_name="db:5432/app"} 2 1712345678000', "db:5432/app"),):
-        found = re.search(regex[1:-1], line)
-        assert found and found.group(1) == pool
-
-    own = 'job="app",instance="app:8000",pool_name="app.db"'
-    otel = 'job="orders",instance="orders:9464",db_client_connection_pool_name="orders",otel_scope_name="pool"'
+def test_pools_of_both_exporters_in_one_query(tmp_path: Path) -> None:
+    """A pool that session_monitor exports and one that OpenTelemetry's Prometheus exporter
+    writes (the same labels, and the instrumentation scope's besides), through promtool: with
+    All selected each pool is counted once, and each can be selected alone."""
+    own = f'job="app",instance="app:8000",{POOL_LABEL}="app.db"'
+    otel = f'job="orders",instance="orders:9464",{POOL_LABEL}="orders",otel_scope_name="session_monitor",otel_scope_version="0.1.0"'
 
     def series(name: str, labels: str, values: str) -> dict[str, str]:
         return {"series": f"{name}{{{labels}}}", "values": values}
@@ -379,6 +328,7 @@ def test_pool_variable_finds_both_label_forms(tmp_path: Path) -> None:
     connections = "Connections: used / idle vs max"
     utilisation = target_expr("Pool utilisation")
     timeouts = target_expr("Checkout timeouts (last 1h)")
+    pools = variable_query(template_variables()["pool_name"])
     tests = {
         "rule_files": [],
         "evaluation_interval": "15s",
@@ -386,57 +336,51 @@ def test_pool_variable_finds_both_label_forms(tmp_path: Path) -> None:
             {
                 "interval": "15s",
                 "input_series": [
-                    series("db_client_connection_count", f'{own},state="idle"', "4x10"),
-                    series("db_client_connection_count", f'{own},state="used"', "1x10"),
+                    series("db_client_connection_count", f'{own},{STATE_LABEL}="idle"', "4x10"),
+                    series("db_client_connection_count", f'{own},{STATE_LABEL}="used"', "1x10"),
                     series("db_client_connection_max", own, "5x10"),
                     series("db_client_connection_timeouts_total", own, "0+1x10"),
-                    series(
-                        "db_client_connection_count",
-                        f'{otel},db_client_connection_state="idle"',
-                        "3x10",
-                    ),
-                    series(
-                        "db_client_connection_count",
-                        f'{otel},db_client_connection_state="used"',
-                        "2x10",
-                    ),
+                    series("db_client_connection_count", f'{otel},{STATE_LABEL}="idle"', "3x10"),
+                    series("db_client_connection_count", f'{otel},{STATE_LABEL}="used"', "2x10"),
                     series("db_client_connection_max", otel, "8x10"),
                     series("db_client_connection_timeouts_total", otel, "0+2x10"),
                 ],
                 "promql_expr_test": [
                     case(
-                        pools,
-                        ".+",
-                        ('{pool_name="app.db"}', 2),
-                        ('{pool_name="orders"}', 2),
+                        f"count by ({POOL_LABEL}) ("
+                        + pools.removeprefix("label_values(").rsplit(",", 1)[0]
+                        + ")",
+                        ".*",
+                        (f'{{{POOL_LABEL}="app.db"}}', 2),
+                        (f'{{{POOL_LABEL}="orders"}}', 2),
                     ),
                     case(
                         target_expr(connections),
-                        ".+",
-                        ('{pool_name="app.db",state="idle"}', 4),
-                        ('{pool_name="app.db",state="used"}', 1),
-                        ('{pool_name="orders",state="idle"}', 3),
-                        ('{pool_name="orders",state="used"}', 2),
+                        ".*",
+                        (f'{{{POOL_LABEL}="app.db",{STATE_LABEL}="idle"}}', 4),
+                        (f'{{{POOL_LABEL}="app.db",{STATE_LABEL}="used"}}', 1),
+                        (f'{{{POOL_LABEL}="orders",{STATE_LABEL}="idle"}}', 3),
+                        (f'{{{POOL_LABEL}="orders",{STATE_LABEL}="used"}}', 2),
                     ),
                     case(
                         target_expr(connections),
                         "orders",
-                        ('{pool_name="orders",state="idle"}', 3),
-                        ('{pool_name="orders",state="used"}', 2),
+                        (f'{{{POOL_LABEL}="orders",{STATE_LABEL}="idle"}}', 3),
+                        (f'{{{POOL_LABEL}="orders",{STATE_LABEL}="used"}}', 2),
                     ),
                     case(
                         target_expr(connections, "B"),
-                        ".+",
-                        ('{pool_name="app.db"}', 5),
-                        ('{pool_name="orders"}', 8),
+                        ".*",
+                        (f'{{{POOL_LABEL}="app.db"}}', 5),
+                        (f'{{{POOL_LABEL}="orders"}}', 8),
                     ),
                     case(
                         utilisation,
-                        ".+",
-                        ('{pool_name="app.db"}', 0.2),
-                        ('{pool_name="orders"}', 0.25),
+                        ".*",
+                        (f'{{{POOL_LABEL}="app.db"}}', 0.2),
+                        (f'{{{POOL_LABEL}="orders"}}', 0.25),
                     ),
-                    case(timeouts, ".+", ("{}", 8 + 16)),
+                    case(timeouts, ".*", ("{}", 8 + 16)),
                     case(timeouts, "app.db", ("{}", 8)),
                     case(timeouts, "orders", ("{}", 16)),
                 ],

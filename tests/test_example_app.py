@@ -78,7 +78,7 @@ def total(registry: CollectorRegistry, name: str) -> float:
 
 
 def pool_sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, {"pool_name": POOL, **labels}) or 0.0
+    return registry.get_sample_value(name, {"db_client_connection_pool_name": POOL, **labels}) or 0.0
 
 
 async def test_items_crud(client: httpx.AsyncClient) -> None:
@@ -127,7 +127,7 @@ async def test_item_requests_close_every_session(
         sample(registry, "sqlalchemy_transactions_total", "/items/{item_id}", outcome="rollback")
         == 1
     )
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
 
 
 async def test_leak_counts_one_leak_per_call_until_released(
@@ -140,12 +140,12 @@ async def test_leak_counts_one_leak_per_call_until_released(
         )
         assert leaked == calls
     assert sample(registry, "sqlalchemy_sessions_active", "/demo/leak") == 3
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 3
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 3
 
     assert (await client.get("/demo/leak/release")).json() == {"released": 3}
     assert sample(registry, "sqlalchemy_sessions_active", "/demo/leak") == 0
     assert sample(registry, "sqlalchemy_sessions_closed_total", "/demo/leak") == 3
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
     # Closing late does not take the leak back.
     assert (
         sample(registry, "sqlalchemy_sessions_leaked_total", "/demo/leak", reason="request_end")
@@ -179,7 +179,7 @@ async def test_gc_leak_is_reported_as_collected(
     assert sample(registry, "sqlalchemy_sessions_leaked_total", route, reason="gc") == 1
     assert sample(registry, "sqlalchemy_sessions_leaked_total", route, reason="request_end") == 0
     assert sample(registry, "sqlalchemy_sessions_closed_total", route) == 1
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
 
 
 async def test_rollback_is_counted_and_nothing_is_written(
@@ -204,7 +204,7 @@ async def test_slow_and_core_close_their_connections(
     for route in ("/demo/slow", "/demo/core"):
         assert sample(registry, "sqlalchemy_sessions_opened_total", route) == 1
         assert sample(registry, "sqlalchemy_sessions_closed_total", route) == 1
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
 
 
 async def test_invalidate_is_counted_and_the_pool_reconnects(
@@ -218,7 +218,7 @@ async def test_invalidate_is_counted_and_the_pool_reconnects(
     assert pool_sample(registry, invalidations, soft="true", reason="explicit") == 0
     # The connection was discarded: the next checkout opened a new one.
     assert pool_sample(registry, "db_client_connection_create_time_seconds_count") == 2
-    assert pool_sample(registry, "db_client_connection_count", state="used") == 0
+    assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
 
 
 async def test_hold_burst_exhausts_the_pool_into_503(

@@ -213,8 +213,8 @@ def test_a_bind_that_is_not_an_engine_is_left_alone(
 
 def pool_gauges(registry: CollectorRegistry) -> tuple[float, float, float]:
     return (
-        total(registry, "db_client_connection_count", state="used"),
-        total(registry, "db_client_connection_count", state="idle"),
+        total(registry, "db_client_connection_count", db_client_connection_state="used"),
+        total(registry, "db_client_connection_count", db_client_connection_state="idle"),
         total(registry, "db_client_connection_max"),
     )
 
@@ -454,7 +454,7 @@ with Session(engine) as session:
 for name, labels in [
     ("session_monitor_internal_errors_total", {"listener": "hook:Session._close_impl"}),
     ("sqlalchemy_sessions_opened_total", {"route": "<none>", "method": "<none>"}),
-    ("db_client_connection_use_time_seconds_count", {"pool_name": "memory"}),
+    ("db_client_connection_use_time_seconds_count", {"db_client_connection_pool_name": "memory"}),
 ]:
     print(name, registry.get_sample_value(name, labels))
 """
@@ -520,7 +520,7 @@ def test_uninstrument_during_traffic_changes_no_result_and_counts_no_leak(
     # Sessions open at an uninstrument() are counted closed then, never leaked later.
     assert total(registry, "sqlalchemy_sessions_leaked_total") == 0
     assert total(registry, "sqlalchemy_sessions_active") == 0
-    assert total(registry, "db_client_connection_count", state="used") == 0
+    assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
     assert internal_errors(registry) == 0
 
 

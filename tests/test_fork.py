@@ -79,7 +79,7 @@ def counts(registry: CollectorRegistry) -> dict[str, float]:
         "leaked": total(registry, "sqlalchemy_sessions_leaked_total"),
         "checkouts": total(registry, "db_client_connection_wait_time_seconds_count"),
         "checkins": total(registry, "db_client_connection_use_time_seconds_count"),
-        "used": total(registry, "db_client_connection_count", state="used"),
+        "used": total(registry, "db_client_connection_count", db_client_connection_state="used"),
         "transactions": total(registry, "sqlalchemy_transactions_total"),
         "errors": total(registry, "session_monitor_internal_errors_total"),
     }

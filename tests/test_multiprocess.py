@@ -196,13 +196,13 @@ def test_sums_over_workers_match_what_was_sent(server: str, database_url: str) -
                 "sqlalchemy_sessions_closed_total", route="/rollback", method="POST"
             ),
             "/leak active": of("sqlalchemy_sessions_active", route="/leak", method="POST"),
-            "used": of("db_client_connection_count", pool_name=pool, state="used"),
+            "used": of("db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="used"),
             "checkouts - checkins": of(
-                "db_client_connection_wait_time_seconds_count", pool_name=pool
+                "db_client_connection_wait_time_seconds_count", db_client_connection_pool_name=pool
             )
-            - of("db_client_connection_use_time_seconds_count", pool_name=pool),
-            "max": of("db_client_connection_max", pool_name=pool),
-            "pending": of("db_client_connection_pending_requests", pool_name=pool),
+            - of("db_client_connection_use_time_seconds_count", db_client_connection_pool_name=pool),
+            "max": of("db_client_connection_max", db_client_connection_pool_name=pool),
+            "pending": of("db_client_connection_pending_requests", db_client_connection_pool_name=pool),
         }
 
     # The last response can reach the client before its worker has closed the session and
@@ -244,5 +244,5 @@ def test_a_killed_worker_leaves_the_live_gauges(server: str, database_url: str) 
     live = workers_of(supervisor)
     assert victim not in live and len(live) == WORKERS
     # Without the cleanup the dead worker's capacity stays in the sum for good.
-    maximum = summed(scrape(server), "db_client_connection_max", pool_name=pool)
+    maximum = summed(scrape(server), "db_client_connection_max", db_client_connection_pool_name=pool)
     assert maximum == WORKERS * per_worker

@@ -99,7 +99,7 @@ counted = {
     "internal_errors": total("session_monitor_internal_errors_total"),
     "wait_count": total("db_client_connection_wait_time_seconds_count"),
     "use_count": total("db_client_connection_use_time_seconds_count"),
-    "used": total("db_client_connection_count", state="used"),
+    "used": total("db_client_connection_count", db_client_connection_state="used"),
     "opened": total("sqlalchemy_sessions_opened_total"),
     "closed": total("sqlalchemy_sessions_closed_total"),
     "active": total("sqlalchemy_sessions_active"),

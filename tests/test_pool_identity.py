@@ -32,14 +32,14 @@ SQLITE_POOL = "app.db"  # the label of the `sqlite_url` fixture's pool
 
 
 def pool_sample(registry: CollectorRegistry, name: str, pool: str, **labels: str) -> float:
-    return sample(registry, name, pool_name=pool, **labels)
+    return sample(registry, name, db_client_connection_pool_name=pool, **labels)
 
 
 def gauges(registry: CollectorRegistry, pool: str) -> tuple[float, float]:
     """(idle, used) as the scrape shows them."""
     return (
-        pool_sample(registry, "db_client_connection_count", pool, state="idle"),
-        pool_sample(registry, "db_client_connection_count", pool, state="used"),
+        pool_sample(registry, "db_client_connection_count", pool, db_client_connection_state="idle"),
+        pool_sample(registry, "db_client_connection_count", pool, db_client_connection_state="used"),
     )
 
 

@@ -147,7 +147,7 @@ async def test_request_sessions_counted_by_route(
             leaks, 0, leaks, leaked_request_end=leaks
         )
         pool = pool_name(postgres_url)
-        assert sample(registry, "db_client_connection_count", pool_name=pool, state="used") == leaks
+        assert sample(registry, "db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="used") == leaks
         assert (
             total(registry, "sqlalchemy_sessions_opened_total")
             == creates + reads + rollbacks + leaks
@@ -163,7 +163,7 @@ async def test_request_sessions_counted_by_route(
         assert route_counts(registry, "/leak", "POST") == expected_counts(
             leaks, leaks, 0, leaked_request_end=leaks, close=leaks
         )
-        assert sample(registry, "db_client_connection_count", pool_name=pool, state="used") == 0
+        assert sample(registry, "db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="used") == 0
         assert total(registry, "sqlalchemy_sessions_active") == 0
         assert_invariants(registry)
 
@@ -188,10 +188,10 @@ async def test_terminated_backends_fail_one_request_then_recover(
     pool = pool_name(postgres_url)
 
     def invalidations(soft: str) -> float:
-        return total(registry, "sqlalchemy_pool_invalidations_total", pool_name=pool, soft=soft)
+        return total(registry, "sqlalchemy_pool_invalidations_total", db_client_connection_pool_name=pool, soft=soft)
 
     def connections_created() -> float:
-        return sample(registry, "db_client_connection_create_time_seconds_count", pool_name=pool)
+        return sample(registry, "db_client_connection_create_time_seconds_count", db_client_connection_pool_name=pool)
 
     def backends(admin: psycopg.Connection[Any]) -> list[int]:
         query = "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
@@ -201,7 +201,7 @@ async def test_terminated_backends_fail_one_request_then_recover(
         # Two overlapping requests leave two connections idle in the pool.
         warm = await asyncio.gather(*(client.get("/hold", params={"seconds": 0.3}) for _ in "ab"))
         assert [response.status_code for response in warm] == [200, 200]
-        assert sample(registry, "db_client_connection_count", pool_name=pool, state="idle") == 2
+        assert sample(registry, "db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="idle") == 2
         assert connections_created() == 2
 
         with psycopg.connect(libpq_url(postgres_url), autocommit=True) as admin:
@@ -230,7 +230,7 @@ async def test_terminated_backends_fail_one_request_then_recover(
             assert sample(
                 registry,
                 "sqlalchemy_pool_invalidations_total",
-                pool_name=pool,
+                db_client_connection_pool_name=pool,
                 soft="false",
                 reason="error",
             ) == 1
@@ -248,7 +248,7 @@ async def test_terminated_backends_fail_one_request_then_recover(
 
     # get_db rolled the failed request back: that transaction's outcome is a rollback.
     assert route_counts(registry, "/ping", "GET") == expected_counts(6, 6, commit=5, rollback=1)
-    assert sample(registry, "db_client_connection_count", pool_name=pool, state="used") == 0
+    assert sample(registry, "db_client_connection_count", db_client_connection_pool_name=pool, db_client_connection_state="used") == 0
     assert total(registry, "sqlalchemy_sessions_active") == 0
     # Session.rollback() on the invalidated connection fires the engine's "rollback" event; the
     # monitor's listener must cope with an invalidated Connection.
@@ -271,7 +271,7 @@ async def test_pool_exhaustion_times_out_into_503(
     pool = pool_name(postgres_url)
 
     def pool_sample(name: str, **labels: str) -> float:
-        return sample(registry, name, pool_name=pool, **labels)
+        return sample(registry, name, db_client_connection_pool_name=pool, **labels)
 
     async with client_for(items) as client:
         # A cold pool: six requests arrive while its two connections are still being opened.
@@ -302,8 +302,8 @@ async def test_pool_exhaustion_times_out_into_503(
     assert pool_sample("db_client_connection_wait_time_seconds_bucket", le="0.5") == 5
     assert pool_sample("db_client_connection_wait_time_seconds_sum") >= 0.1
     assert pool_sample("db_client_connection_pending_requests") == 0
-    assert pool_sample("db_client_connection_count", state="used") == 0
-    assert pool_sample("db_client_connection_count", state="idle") == 2
+    assert pool_sample("db_client_connection_count", db_client_connection_state="used") == 0
+    assert pool_sample("db_client_connection_count", db_client_connection_state="idle") == 2
     # Each timed-out session asked for a connection (opened) and was closed by get_db; it never
     # began a database transaction.
     assert route_counts(registry, "/hold", "GET") == expected_counts(9, 9, commit=5)

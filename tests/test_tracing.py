@@ -685,8 +685,8 @@ SAME_VALUES = {
 }
 
 LABEL_ATTRIBUTES = {
-    "pool_name": "db.client.connection.pool.name",
-    "state": "db.client.connection.state",
+    "db_client_connection_pool_name": "db.client.connection.pool.name",
+    "db_client_connection_state": "db.client.connection.state",
     "reason": "session_monitor.leak.reason",
     "outcome": "session_monitor.transaction.outcome",
     "listener": "session_monitor.listener",

@@ -55,3 +55,9 @@ wheel-smoke: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks
+
+# grafana/dashboards/session_monitor.json and its packaged copy, built with Grafana's foundation
+# SDK (grafana/build_dashboard.py); commit both.
+.PHONY: dashboard
+dashboard: $(VENV)/.installed
+	$(VENV)/bin/python grafana/build_dashboard.py

@@ -24,7 +24,7 @@ IDLE_IN_TRANSACTION = "idle_in_transaction"
 IDLE = "idle"  # held by the app, no transaction open at the server
 NOT_SEEN = "not_seen"  # its PID is not at the server: a pooler in front, or the backend is gone
 HIDDEN = "hidden"  # the server hides its state from this role
-NO_PID = "no_pid"  # the driver did not say which backend it is
+NO_PID = "no_pid"  # the driver did not say which backend it is (or PgBouncer's 0)
 UNREAD = "unread"  # checked out after the server was read
 
 
@@ -203,7 +203,10 @@ def summarize(
                 "pg_read_all_stats"
             )
         elif status == NO_PID:
-            lines.append(f"{head} of unknown backend: the driver does not say its PID")
+            lines.append(
+                f"{head} of unknown backend: the driver gave no backend PID (a driver without "
+                "one, such as pg8000, or a pooler such as PgBouncer in front)"
+            )
         elif status == UNREAD:
             lines.append(f"{head} checked out since the server was read")
         else:

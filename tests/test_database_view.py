@@ -476,3 +476,114 @@ def test_a_role_without_pg_read_all_stats_still_classifies_its_own_holders(
     assert holder.server.root.backend is not None and holder.server.root.backend.state is None
     assert "state not visible to this role" in "\n".join(pool["holders"])
     assert total(registry, "session_monitor_server_view_failures_total") == 0
+
+
+def _timeout_report(engine: Engine, caplog: pytest.LogCaptureFixture) -> str:
+    """Hold the pool's one connection, time out a second checkout, return the WARNING."""
+    with (
+        caplog.at_level(logging.WARNING, logger="session_monitor"),
+        engine.connect() as held,  # held-here
+    ):
+        held.execute(text("select 1"))
+        with pytest.raises(Exception, match="QueuePool limit"):
+            engine.connect()
+        wait_until(lambda: bool(_exhausted(caplog)))
+    (message,) = _exhausted(caplog)
+    assert f"opened at {HERE}:{line_of(HERE, 'held-here')}" in message  # the app side, as ever
+    return message.split("The server's view:")[1]
+
+
+def test_a_driver_without_backend_pids_says_so(
+    postgres_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("pg8000")
+    url = make_url(postgres_url).set(drivername="postgresql+pg8000")
+    engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    make_monitor(engine, registry=registry)
+    try:
+        server_part = _timeout_report(engine, caplog)
+    finally:
+        engine.dispose()
+    assert "1 of 1 held by outside any request" in server_part
+    assert "of unknown backend: the driver gave no backend PID" in server_part
+    assert total(registry, "session_monitor_server_view_failures_total") == 0
+
+
+@pytest.fixture
+def pgbouncer(postgres_url: str) -> Iterator[str]:
+    """A PgBouncer in session mode in front of the test server, on a port of its own."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    executable = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(executable):
+        pytest.skip("pgbouncer is not installed (Debian package pgbouncer; .ci/run installs it)")
+    server = make_url(postgres_url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # PgBouncer refuses to run as root: it runs as the server's own user, in a folder it owns
+    # (pytest's own temporary folders are closed to other users).
+    folder = Path(tempfile.mkdtemp(prefix="session-monitor-pgbouncer-"))
+    user = pwd.getpwnam("postgres")
+    folder.chmod(0o755)
+    (folder / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"* = host={server.host or '127.0.0.1'} port={server.port or 5432} "
+        f"user={server.username or 'postgres'}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = any\npool_mode = session\n"
+        f"unix_socket_dir = {folder}\nlogfile = {folder}/pgbouncer.log\n"
+        "ignore_startup_parameters = extra_float_digits,options\n"
+    )
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    process = subprocess.Popen(
+        [executable, "-u", "postgres", str(folder / "pgbouncer.ini")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"pgbouncer did not start: {(folder / 'pgbouncer.log').read_text()}")
+                time.sleep(0.1)
+        yield server.set(host="127.0.0.1", port=port).render_as_string(False)
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_pgbouncer_in_front_is_said_and_the_rest_of_the_report_stands(
+    pgbouncer: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = create_engine(pgbouncer, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    make_monitor(engine, registry=registry)
+    try:
+        server_part = _timeout_report(engine, caplog)
+    finally:
+        engine.dispose()
+    # The driver has no PID of the server's: PgBouncer hands it 0, or a key of its own that the
+    # server does not know (which one depends on the moment). Either way the report says why,
+    # and the read itself, through PgBouncer too, worked.
+    assert "1 of 1 held by outside any request" in server_part
+    assert (
+        "of unknown backend: the driver gave no backend PID (a driver without one, such as "
+        "pg8000, or a pooler such as PgBouncer in front)" in server_part
+        or "none of the pool's backends is at the server: a pooler (PgBouncer) in front"
+        in server_part
+    )
+    assert total(registry, "session_monitor_server_view_failures_total") == 0

@@ -31,6 +31,11 @@ class MonitorConfig:
     diagnostics_token: str | None = None
     # Modules (and their submodules) whose frames are never the application's line.
     library_packages: tuple[str, ...] = ()
+    # The database's view (PostgreSQL): read on demand, shared for this many seconds.
+    server_view: bool = True
+    server_view_interval: float = 5.0
+    # Tagging: connections named "<application_name>:<host>:<pid>"; None: off.
+    application_name: str | None = None
 
     def __post_init__(self) -> None:
         for name in self.library_packages:
@@ -59,9 +64,31 @@ class MonitorConfig:
                 "diagnostics_token must be a string of at least 16 characters (for example "
                 "secrets.token_urlsafe()), or None to answer loopback clients only"
             )
-        for name in ("idle_in_transaction_threshold", "timeout_log_interval"):
+        if not isinstance(self.server_view, bool):
+            raise ConfigurationError(
+                "server_view must be True (read PostgreSQL's pg_stat_activity on demand: pool "
+                f"timeouts, the diagnostics page) or False, got {self.server_view!r}"
+            )
+        if self.application_name is not None and (
+            not isinstance(self.application_name, str)
+            or not self.application_name.strip()
+            or not self.application_name.isprintable()
+            or not self.application_name.isascii()
+            or len(self.application_name) > 40
+        ):
+            raise ConfigurationError(
+                "application_name names your service in each PostgreSQL connection's "
+                "application_name as '<name>:<host>:<pid>': give a short printable ASCII name "
+                f"(for example 'orders'), or None to leave connections untagged; got "
+                f"{self.application_name!r}"
+            )
+        for name in (
+            "idle_in_transaction_threshold",
+            "timeout_log_interval",
+            "server_view_interval",
+        ):
             seconds = getattr(self, name)
-            if (seconds is not None or name == "timeout_log_interval") and not _positive(seconds):
+            if (seconds is not None or not name.startswith("idle")) and not _positive(seconds):
                 raise ConfigurationError(
                     f"{name} must be a positive number of seconds"
                     + (" or None to switch it off" if name.startswith("idle") else "")

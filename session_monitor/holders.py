@@ -21,13 +21,16 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .forking import Stage, in_child, new_lock
 from .records import TrackedCheckout
 from .stacks import Location, application_frames, application_stack, format_location
+
+if TYPE_CHECKING:
+    from .server_holders import ServerSide
 
 # Where a holder's innermost frame means "in the database": SQLAlchemy and the usual drivers.
 _DATABASE_PACKAGES = (
@@ -64,6 +67,8 @@ class HolderView(NamedTuple):
     holder: str  # "thread <name>" or "task <name>"
     activity: str  # "database", "application", "awaiting", "leaked" or "unknown"
     now_at: tuple[Location, ...]  # the holder's application frames now, innermost first
+    backend_pid: int | None = None  # its server backend (PostgreSQL; `backends.py`)
+    server: ServerSide | None = None  # what the server says, when asked (`server_holders.py`)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +76,7 @@ class HolderView(NamedTuple):
             "opened_at": _location_dict(self.opened_at),
             "opened_stack": [_location_dict(f) for f in self.opened_stack],
             "now_at": [_location_dict(f) for f in self.now_at],
+            "server": None if self.server is None else self.server.as_dict(),
         }
 
 
@@ -154,7 +160,9 @@ def _thread_name(thread_id: int) -> str:
     return str(thread_id)
 
 
-def holder_view(checkout: TrackedCheckout, now: float) -> HolderView:
+def holder_view(
+    checkout: TrackedCheckout, now: float, backend_pid: int | None = None
+) -> HolderView:
     owner = checkout.owner
     session = None if owner is None else owner.view
     holder, activity, now_at = where_now(checkout)
@@ -172,13 +180,18 @@ def holder_view(checkout: TrackedCheckout, now: float) -> HolderView:
         holder=holder,
         activity=activity,
         now_at=now_at,
+        backend_pid=backend_pid,
     )
 
 
-def holder_views(checkouts: Iterable[TrackedCheckout]) -> list[HolderView]:
-    """Every connection checked out now, oldest first."""
+def holder_views(
+    checkouts: Iterable[TrackedCheckout], backends: dict[int, int] | None = None
+) -> list[HolderView]:
+    """Every connection checked out now, oldest first; `backends`: server PIDs by connection
+    record id."""
     now = time.perf_counter()
-    views = [holder_view(c, now) for c in checkouts if not c.returned]
+    pids = backends or {}
+    views = [holder_view(c, now, pids.get(c.record_key)) for c in checkouts if not c.returned]
     views.sort(key=lambda view: -view.held_for)
     return views
 
@@ -231,6 +244,7 @@ class PoolEvent(NamedTuple):
     pending: int
     maximum: int | None
     holders: tuple[str, ...]
+    server: tuple[str, ...] = ()  # what the server said of the holders (`server_holders.py`)
 
 
 class ExhaustionReporter:
@@ -262,13 +276,17 @@ class ExhaustionReporter:
         waited: float,
         usage: tuple[int, int, int, int | None],
         checkouts: Iterable[TrackedCheckout],
+        backends: dict[int, int] | None = None,
+        server: Callable[[list[HolderView]], list[str]] | None = None,
     ) -> tuple[str, ...]:
+        """`server`: reads what the server says of the holders; when given, the WARNING waits
+        for it, on a thread of its own, so the caller that timed out never does."""
         used, idle, pending, maximum = usage
-        lines = tuple(summarize(holder_views(checkouts)))
+        holders = holder_views(checkouts, backends)
+        lines = tuple(summarize(holders))
         now = time.time()
-        self.recent.append(
-            PoolEvent(now, pool_name, kind, waited, used, idle, pending, maximum, lines)
-        )
+        event = PoolEvent(now, pool_name, kind, waited, used, idle, pending, maximum, lines)
+        self.recent.append(event)
         with self._lock:
             last = self._last_logged.get(pool_name)
             if last is not None and now - last < self.interval:
@@ -278,9 +296,7 @@ class ExhaustionReporter:
             unlogged = self._unlogged.pop(pool_name, 0)
         what = "timed out" if kind == "timeout" else "was cancelled"
         bound = "no bound" if maximum is None else f"max {maximum}"
-        logger.warning(
-            "Pool %r exhausted: a checkout %s after %.1fs waiting; %d in use (%s), %d idle, "
-            "%d waiting%s. Held by:\n  %s",
+        args = (
             pool_name,
             what,
             waited,
@@ -291,4 +307,36 @@ class ExhaustionReporter:
             f"; {unlogged} more since the last report" if unlogged else "",
             "\n  ".join(lines) or "(no connection tracked)",
         )
+        if server is None:
+            logger.warning(_EXHAUSTED, *args)
+        else:
+            threading.Thread(
+                target=self._log_with_server,
+                args=(event, holders, server, args),
+                name="session_monitor-timeout-report",
+                daemon=True,
+            ).start()
         return lines
+
+    def _log_with_server(
+        self,
+        event: PoolEvent,
+        holders: list[HolderView],
+        server: Callable[[list[HolderView]], list[str]],
+        args: tuple[Any, ...],
+    ) -> None:
+        server_lines = tuple(server(holders))  # never raises: it reports its own failures
+        with self._lock:
+            for index, kept in enumerate(self.recent):
+                if kept is event:
+                    self.recent[index] = event._replace(server=server_lines)
+                    break
+        logger.warning(
+            _EXHAUSTED + "\nThe server's view:\n  %s", *args, "\n  ".join(server_lines)
+        )
+
+
+_EXHAUSTED = (
+    "Pool %r exhausted: a checkout %s after %.1fs waiting; %d in use (%s), %d idle, "
+    "%d waiting%s. Held by:\n  %s"
+)

@@ -103,6 +103,34 @@ INVALIDATIONS = MetricSpec(
     otel_name="session_monitor.connection.invalidations",
     unit="{connection}",
 )
+CONNECTIONS_CLOSED = MetricSpec(
+    "sqlalchemy_pool_closed_connections",
+    "counter",
+    "Pooled connections closed, by reason: overflow (back to a pool that had pool_size idle "
+    "ones: opened for a peak and closed after it; under steady load, churn), unpooled (a "
+    "NullPool closes every one), recycled (pool_recycle), invalidated, disposed.",
+    (*POOL, "reason"),
+    otel_name="session_monitor.connection.closed",
+    unit="{connection}",
+)
+SERVER_CONNECTIONS_ALLOWED = MetricSpec(
+    "session_monitor_server_connections_allowed",
+    "gauge",
+    "Connections the database server lets this pool's role open to its database: "
+    "max_connections less the reserved slots, capped by the role's and the database's "
+    "connection limits. PostgreSQL; read once per process.",
+    POOL,
+)
+SERVER_VIEW_FAILURES = MetricSpec(
+    "session_monitor_server_view_failures",
+    "counter",
+    "Reads of the server's view (pg_stat_activity) that failed, by reason: connect (no free "
+    "slot, authentication, network), timeout, query (e.g. permission). The report they served "
+    "went out without it.",
+    (*POOL, "reason"),
+    otel_name="session_monitor.server_view.failures",
+    unit="{failure}",
+)
 SESSIONS_OPENED = MetricSpec(
     "sqlalchemy_sessions_opened",
     "counter",
@@ -214,6 +242,8 @@ INTERNAL_ERRORS = MetricSpec(
 
 # Present at 0 from a pool's first scrape, so rate() and alerts see the first rise.
 INVALIDATION_SERIES = (("false", "error"), ("false", "pre_ping"), ("true", "explicit"))
+CLOSE_REASONS = ("overflow", "unpooled", "recycled", "invalidated", "disposed")
+SERVER_VIEW_FAILURE_REASONS = ("connect", "timeout", "query")
 
 ALL_METRICS = (
     CONNECTION_COUNT,
@@ -224,9 +254,12 @@ ALL_METRICS = (
     USE_TIME,
     CREATE_TIME,
     INVALIDATIONS,
+    CONNECTIONS_CLOSED,
     WAITED,
     CANCELLED_WAITS,
     USED_PEAK,
+    SERVER_CONNECTIONS_ALLOWED,
+    SERVER_VIEW_FAILURES,
     SESSIONS_OPENED,
     SESSIONS_CLOSED,
     SESSIONS_ACTIVE,

@@ -93,6 +93,9 @@ class PrometheusCollector:
         peak = _gauge(table.USED_PEAK)
         wait, use = _histogram(table.WAIT_TIME), _histogram(table.USE_TIME)
         create = _histogram(table.CREATE_TIME)
+        closed_connections = _counter(table.CONNECTIONS_CLOSED)
+        allowed = _gauge(table.SERVER_CONNECTIONS_ALLOWED)
+        server_failures = _counter(table.SERVER_VIEW_FAILURES)
         for pool in self._pools():
             name, stats = pool.name, pool.stats
             count.add_metric([name, "idle"], pool.idle)
@@ -110,6 +113,12 @@ class PrometheusCollector:
             waited.add_metric([name], stats.waited)
             cancelled.add_metric([name], stats.cancelled)
             peak.add_metric([name], max(stats.peak_used, pool.used))
+            for reason in sorted({*table.CLOSE_REASONS, *stats.closed}):
+                closed_connections.add_metric([name, reason], stats.closed.get(reason, 0))
+            if pool.server_allowed is not None:
+                allowed.add_metric([name], pool.server_allowed)
+            for reason in sorted({*table.SERVER_VIEW_FAILURE_REASONS, *stats.server_failures}):
+                server_failures.add_metric([name, reason], stats.server_failures.get(reason, 0))
         opened, closed, active = (
             _counter(table.SESSIONS_OPENED),
             _counter(table.SESSIONS_CLOSED),
@@ -141,7 +150,7 @@ class PrometheusCollector:
         for listener, failures in sorted(self._errors().items()):
             errors.add_metric([listener], failures)
         yield from (count, maximum, pending, timeouts, wait, use, create, invalidations)
-        yield from (waited, cancelled, peak)
+        yield from (waited, cancelled, peak, closed_connections, allowed, server_failures)
         yield from (opened, closed, active, duration, leaked, transactions, transaction_duration)
         yield from (idle_in_transaction, pitfalls)
         yield errors

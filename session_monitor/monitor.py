@@ -6,6 +6,7 @@ hooks call the session tracker (`sessions.py`) and the pool tracker (`pool.py`) 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -27,6 +28,7 @@ from .config import (
     sync_engines_of,
 )
 from .context import RequestScope
+from .database_view import DatabaseView
 from .diagnostics import DiagnosticsApp
 from .forking import Stage, in_child, new_lock
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
@@ -52,6 +54,17 @@ if TYPE_CHECKING:
     EngineLike = Engine | AsyncEngine
 
 logger = logging.getLogger("session_monitor")
+
+
+def _off_the_loop(call: str, arguments: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"Call {call} off the event loop, e.g. await asyncio.to_thread({arguments}): it waits "
+        "for the database server, which would block every request of this worker meanwhile"
+    )
 
 
 class SessionMonitor:
@@ -86,6 +99,9 @@ class SessionMonitor:
         meter_provider: Any = None,
         observers: Iterable[Observer] = (),
         library_packages: Iterable[str] = (),
+        server_view: bool = True,
+        server_view_interval: float = 5.0,
+        application_name: str | None = None,
     ) -> None:
         sync_engines = sync_engines_of(engines)
         self.config = MonitorConfig(
@@ -101,6 +117,9 @@ class SessionMonitor:
             diagnostics_path=diagnostics_path,
             diagnostics_token=diagnostics_token,
             library_packages=package_names(library_packages),
+            server_view=server_view,
+            server_view_interval=server_view_interval,
+            application_name=application_name,
         )
         if pool_name is not None and len(sync_engines) != 1:
             raise ConfigurationError(
@@ -156,7 +175,19 @@ class SessionMonitor:
             pool_name=pool_name,
             stack_depth=stack_depth if capture_stacks else 0,
             timeout_log_interval=timeout_log_interval,
+            application_name=application_name,
         )
+        self._database = DatabaseView(
+            self._pools,
+            emit,
+            self._guard,
+            enabled=server_view,
+            interval=server_view_interval,
+            service=application_name,
+        )
+        if server_view:
+            self._pools.first_connected = self._database.first_connected
+            self._pools.server_report = self._database.timeout_lines
         self._sessions.entry_for = self._pools.entry_for
         if self._otel is not None:
             self._otel.bind(self._sessions.session_for, self._guard.failed)
@@ -311,10 +342,27 @@ class SessionMonitor:
 
     # -- who holds the pool ---------------------------------------------------------------------
 
-    def holders(self) -> list[HolderView]:
+    def holders(self, server_view: bool = False) -> list[HolderView]:
         """Every connection checked out from a watched pool now, oldest first: what holds it,
-        where it was opened, its transaction, and where its holder (thread or task) is now."""
-        return holder_views(self._pools.checkouts())
+        where it was opened, its transaction, and where its holder (thread or task) is now.
+
+        With ``server_view=True``, each PostgreSQL holder also carries what the server says of
+        its connection (`HolderView.server`: running, waiting on a lock and behind whom, idle in
+        a transaction), from a reading at most ``server_view_interval`` old. That reading may
+        open a connection and wait for the server, so call it off the event loop:
+        ``await asyncio.to_thread(monitor.holders, server_view=True)``."""
+        holders = holder_views(self._pools.checkouts(), self._pools.backend_pids())
+        if not server_view:
+            return holders
+        _off_the_loop("holders(server_view=True)", "monitor.holders, server_view=True")
+        return self._database.joined(holders)
+
+    def database_report(self) -> list[dict[str, Any]]:
+        """Each pool's server side (PostgreSQL): what its holders are doing at the server,
+        connections the pools lost, and the sizing verdicts. Waits for the server like
+        ``holders(server_view=True)``: call it off the event loop."""
+        _off_the_loop("database_report()", "monitor.database_report")
+        return [self._database.pool_report(state) for state in self._pools.states()]
 
     def pool_usage(self) -> list[PoolUsage]:
         """Each watched pool now: connections used and idle, callers waiting, its bound."""

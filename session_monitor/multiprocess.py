@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from .metric_table import (
     ALL_METRICS,
     CANCELLED_WAITS,
+    CLOSE_REASONS,
     CONNECTION_COUNT,
     CONNECTION_MAX,
+    CONNECTIONS_CLOSED,
     CREATE_TIME,
     IDLE_IN_TRANSACTION,
     INTERNAL_ERRORS,
@@ -27,6 +29,9 @@ from .metric_table import (
     INVALIDATIONS,
     PENDING_REQUESTS,
     PITFALLS,
+    SERVER_CONNECTIONS_ALLOWED,
+    SERVER_VIEW_FAILURE_REASONS,
+    SERVER_VIEW_FAILURES,
     SESSION_DURATION,
     SESSIONS_ACTIVE,
     SESSIONS_CLOSED,
@@ -43,6 +48,7 @@ from .metric_table import (
 )
 
 if TYPE_CHECKING:
+    from .holders import HolderView
     from .records import CheckoutView, SessionView
     from .stacks import Location
 
@@ -60,7 +66,10 @@ class PrometheusMetrics:
                     spec.documentation,
                     spec.labels,
                     registry=registry,
-                    multiprocess_mode="livesum",
+                    # A server's limit is the same number in every worker: not a sum.
+                    multiprocess_mode=(
+                        "livemax" if spec is SERVER_CONNECTIONS_ALLOWED else "livesum"
+                    ),
                 )
             return Histogram(
                 spec.name, spec.documentation, spec.labels, registry=registry, buckets=spec.buckets
@@ -80,6 +89,10 @@ class PrometheusMetrics:
             self._counter(WAITED).labels(name)
             self._counter(CANCELLED_WAITS).labels(name)
             self._gauge(PENDING_REQUESTS).labels(name)
+            for reason in CLOSE_REASONS:
+                self._counter(CONNECTIONS_CLOSED).labels(name, reason)
+            for reason in SERVER_VIEW_FAILURE_REASONS:
+                self._counter(SERVER_VIEW_FAILURES).labels(name, reason)
             for spec in (WAIT_TIME, USE_TIME, CREATE_TIME):
                 self._histogram(spec).labels(name)
 
@@ -130,6 +143,18 @@ class PrometheusMetrics:
         self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
     ) -> None:
         self._counter(INVALIDATIONS).labels(pool_name, "true" if soft else "false", reason).inc()
+
+    def connection_closed(self, pool_name: str, reason: str) -> None:
+        self._counter(CONNECTIONS_CLOSED).labels(pool_name, reason).inc()
+
+    def server_limits(self, pool_name: str, allowed: int) -> None:
+        self._gauge(SERVER_CONNECTIONS_ALLOWED).labels(pool_name).set(allowed)
+
+    def server_view_failed(self, pool_name: str, reason: str) -> None:
+        self._counter(SERVER_VIEW_FAILURES).labels(pool_name, reason).inc()
+
+    def server_view_read(self, pool_name: str, holders: tuple[HolderView, ...]) -> None:
+        pass
 
     def checkout_timed_out(
         self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]

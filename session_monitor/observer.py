@@ -9,10 +9,13 @@ keep a view as long as it likes, and nothing it does can change what the monitor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .records import CheckoutView, SessionView
 from .stacks import Location
+
+if TYPE_CHECKING:
+    from .holders import HolderView
 
 
 class Observer(Protocol):
@@ -34,6 +37,19 @@ class Observer(Protocol):
         self, pool_name: str, soft: bool, checkout: CheckoutView | None, reason: str
     ) -> None:
         """`reason`: "error", "pre_ping" or "explicit" (see `pool.PoolTracker._invalidated`)."""
+
+    def connection_closed(self, pool_name: str, reason: str) -> None:
+        """`reason`: one of `metric_table.CLOSE_REASONS`."""
+
+    def server_limits(self, pool_name: str, allowed: int) -> None:
+        """What the database server lets the pool's role open to its database
+        (`server_view.py`), read once per process."""
+
+    def server_view_failed(self, pool_name: str, reason: str) -> None:
+        """A read of the server's view failed (`metric_table.SERVER_VIEW_FAILURE_REASONS`)."""
+
+    def server_view_read(self, pool_name: str, holders: tuple[HolderView, ...]) -> None:
+        """A pool timeout's holders, each with what the server said of it (`HolderView.server`)."""
 
     def checkout_timed_out(
         self, pool_name: str, waited: float, session: SessionView | None, holders: tuple[str, ...]
@@ -123,6 +139,10 @@ class Fanout:
     connection_checked_out: Callable[[CheckoutView, float], None]
     connection_checked_in: Callable[[CheckoutView, float], None]
     connection_invalidated: Callable[[str, bool, CheckoutView | None, str], None]
+    connection_closed: Callable[[str, str], None]
+    server_limits: Callable[[str, int], None]
+    server_view_failed: Callable[[str, str], None]
+    server_view_read: Callable[[str, tuple[HolderView, ...]], None]
     checkout_timed_out: Callable[[str, float, SessionView | None, tuple[str, ...]], None]
     checkout_waited: Callable[[str], None]
     wait_cancelled: Callable[[str, float], None]

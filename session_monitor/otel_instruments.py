@@ -35,6 +35,8 @@ class Instruments:
         self.use_time = made[table.USE_TIME.name]
         self.create_time = made[table.CREATE_TIME.name]
         self.invalidations = made[table.INVALIDATIONS.name]
+        self.closed_connections = made[table.CONNECTIONS_CLOSED.name]
+        self.server_view_failures = made[table.SERVER_VIEW_FAILURES.name]
         self.sessions_opened = made[table.SESSIONS_OPENED.name]
         self.sessions_closed = made[table.SESSIONS_CLOSED.name]
         self.sessions_active = made[table.SESSIONS_ACTIVE.name]

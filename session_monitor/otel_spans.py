@@ -52,6 +52,16 @@ LISTENER = "session_monitor.listener"
 HOLDERS = "session_monitor.pool.holders"
 IDLE_FOR = "session_monitor.session.idle_for"
 INVALIDATION_REASON = "session_monitor.connection.invalidation_reason"
+CLOSE_REASON = "session_monitor.connection.close_reason"
+SERVER_VIEW_FAILURE = "session_monitor.server_view.failure"
+SERVER_VIEW_SPAN = "session_monitor.server_view"
+# Server-side facts under the names of the OpenTelemetry Collector's PostgreSQL receiver.
+PG_PID = "postgresql.pid"
+PG_STATE = "postgresql.state"
+PG_WAIT_EVENT_TYPE = "postgresql.wait_event_type"
+PG_WAIT_EVENT = "postgresql.wait_event"
+PG_BLOCKING_PIDS = "postgresql.blocking.pids"
+PG_QUERY_SHAPE = "db.query.summary"
 PITFALL_KIND = "session_monitor.pitfall.kind"
 
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.

@@ -28,6 +28,7 @@ from sqlalchemy.pool import Pool
 
 from ._hooks import Acquisition, acquiring_session, in_greenlet, install_new_groups
 from ._listeners import Guard
+from .backends import ApplicationNameTagger
 from .context import current_request, serving_no_request
 from .forking import Stage, in_child, new_lock
 from .holders import ExhaustionReporter
@@ -52,8 +53,13 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         pool_name: str | None,
         stack_depth: int,
         timeout_log_interval: float = 10.0,
+        application_name: str | None = None,
     ) -> None:
         self._sessions = sessions
+        self.tagger = None if application_name is None else ApplicationNameTagger(application_name)
+        # Set by the monitor when the server's view is on (`database_view.py`).
+        self.first_connected = None
+        self.server_report = None
         self._emit = observers
         self._guard = guard
         self._every_engine = every_engine
@@ -212,9 +218,12 @@ class PoolTracker(ConnectionLifecycle, Waiting):
             with state.lock:
                 used = state.used
                 stats = state.stats.copy()
+                state.peak_ever = max(state.peak_ever, stats.peak_used)
                 state.stats.peak_used = used
             stats.pending = pending
-            pools.append(PoolSnapshot(state.name, idle, used, maximum, stats))
+            pools.append(
+                PoolSnapshot(state.name, idle, used, maximum, stats, state.server_allowed)
+            )
         return pools
 
     def states(self) -> list[PoolState]:
@@ -228,6 +237,14 @@ class PoolTracker(ConnectionLifecycle, Waiting):
             with watched.label.lock:
                 held = list(watched.checked_out.values())
             yield from held
+
+    def backend_pids(self) -> dict[int, int]:
+        """Server backend PIDs by connection record id, of every pool."""
+        found: dict[int, int] = {}
+        for state in list(self._states.values()):
+            with state.lock:
+                found.update(state.backends)
+        return found
 
     @property
     def tracked_checkouts(self) -> int:

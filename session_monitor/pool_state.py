@@ -20,6 +20,7 @@ uses it now: only live pools' idle connections and bounds are counted.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from typing import NamedTuple
@@ -55,12 +56,25 @@ class PoolSnapshot(NamedTuple):
     used: int
     maximum: int | None
     stats: PoolStats
+    server_allowed: int | None = None
 
 
 class PoolState:
     """One pool_name label: the pools that carry it and their counted events, summed."""
 
-    __slots__ = ("db_system", "engines", "lock", "name", "pools", "stats", "used")
+    __slots__ = (
+        "backends",
+        "db_system",
+        "engines",
+        "lock",
+        "name",
+        "peak_ever",
+        "pools",
+        "server_allowed",
+        "since",
+        "stats",
+        "used",
+    )
 
     def __init__(self, name: str, db_system: str) -> None:
         self.name = name
@@ -74,6 +88,15 @@ class PoolState:
         # The size of the pools' checked_out dicts together, changed with them under the lock:
         # the peak in use is compared with it on every checkout.
         self.used = 0
+        # Server backend PIDs by connection record id, set when a connection opens and dropped
+        # when it closes (`backends.py`); empty for a database without them.
+        self.backends: dict[int, int] = {}
+        # For the sizing advice: since when it is counted, and its most in use at once. The
+        # scrape resets `stats.peak_used`; whoever resets it first folds it into `peak_ever`.
+        self.since = time.monotonic()
+        self.peak_ever = 0
+        # What the server lets this pool's role open to its database (`server_view.py`).
+        self.server_allowed: int | None = None
 
     def live_pools(self) -> list[WatchedPool]:
         """The pools its engines use now, each once (two engines may share one pool)."""

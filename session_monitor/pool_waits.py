@@ -8,7 +8,8 @@ another is no nested checkout. `PoolTracker` inherits these; its `acquire_starte
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ._hooks import acquiring_session
 from .stacks import application_location, format_location
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 
 class Waiting:
+    # The server's part of a timeout report, per pool (`DatabaseView.timeout_lines`).
+    server_report: Callable[[PoolState], Any] | None
     _emit: Fanout | None
     _sessions: SessionTracker
     _guard: Guard
@@ -102,5 +105,7 @@ class Waiting:
         with state.lock:
             held = list(watched.checked_out.values())
             pending = watched.pending
+            backends = dict(state.backends) if state.backends else None
         usage = (len(held), watched.idle_count(), pending, watched.bound)
-        return self.exhaustion.report(state.name, kind, waited, usage, held)
+        server = None if self.server_report is None else self.server_report(state)
+        return self.exhaustion.report(state.name, kind, waited, usage, held, backends, server)

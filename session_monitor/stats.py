@@ -89,10 +89,12 @@ class PoolStats:
 
     __slots__ = (
         "cancelled",
+        "closed",
         "create",
         "invalidations",
         "peak_used",
         "pending",
+        "server_failures",
         "timeouts",
         "use",
         "wait",
@@ -110,6 +112,10 @@ class PoolStats:
         self.waited = 0  # checkouts that found no idle connection and had to wait
         self.cancelled = 0  # waits the caller gave up (a cancelled task) before a connection came
         self.peak_used = 0  # most connections in use at once since the last scrape
+        # Connections closed, by reason (metric_table.CLOSE_REASONS): overflow closes under
+        # steady load are the pool's churn.
+        self.closed: dict[str, int] = {}
+        self.server_failures: dict[str, int] = {}  # reads of the server's view, by reason
 
     def copy(self) -> PoolStats:
         copied = PoolStats()
@@ -117,6 +123,8 @@ class PoolStats:
         copied.create = self.create.copy()
         copied.timeouts, copied.pending = self.timeouts, self.pending
         copied.invalidations = self.invalidations.copy()
+        copied.closed = self.closed.copy()
+        copied.server_failures = self.server_failures.copy()
         copied.waited, copied.cancelled, copied.peak_used = (
             self.waited,
             self.cancelled,

@@ -24,7 +24,7 @@ metric. This module is imported only when OpenTelemetry is switched on, and sets
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind
@@ -34,6 +34,7 @@ from . import __version__
 from .forking import Stage, in_child
 from .otel_instruments import Instruments
 from .otel_spans import (
+    CLOSE_REASON,
     CODE_FILE_PATH,
     CODE_FUNCTION_NAME,
     CODE_LINE_NUMBER,
@@ -43,14 +44,24 @@ from .otel_spans import (
     DB_SYSTEM_NAME,
     DB_SYSTEM_NAMES,
     HOLDERS,
+    HTTP_METHOD,
+    HTTP_ROUTE,
     IDLE_FOR,
     INVALIDATION_REASON,
     LEAK_REASON,
     LEAKED,
     LISTENER,
+    PG_BLOCKING_PIDS,
+    PG_PID,
+    PG_QUERY_SHAPE,
+    PG_STATE,
+    PG_WAIT_EVENT,
+    PG_WAIT_EVENT_TYPE,
     PITFALL_KIND,
     POOL_NAME,
     SCOPE,
+    SERVER_VIEW_FAILURE,
+    SERVER_VIEW_SPAN,
     SESSION_AGE,
     SESSION_SPAN,
     SOFT,
@@ -68,6 +79,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from sqlalchemy.engine import Connection
 
+    from .holders import HolderView
     from .records import CheckoutView, SessionView
     from .stacks import Location
 
@@ -223,6 +235,47 @@ class OpenTelemetryObserver:
         state = None if checkout is None else self._span_of(checkout.session)
         if state is not None:
             state.add_event("connection.invalidated", {SOFT: soft, INVALIDATION_REASON: reason})
+
+    def connection_closed(self, pool_name: str, reason: str) -> None:
+        self.instruments.closed_connections.add(1, {**self._pool(pool_name), CLOSE_REASON: reason})
+
+    def server_limits(self, pool_name: str, allowed: int) -> None:
+        pass  # a Prometheus gauge only: the alert compares it with the workers' pools summed
+
+    def server_view_read(self, pool_name: str, holders: tuple[HolderView, ...]) -> None:
+        """One span per read made for a pool timeout, an event per holder: what the server
+        said of its connection beside the route and the line that opened it."""
+        span = self._tracer.start_span(SERVER_VIEW_SPAN, attributes=self._pool(pool_name))
+        try:
+            for holder in holders:
+                attributes: dict[str, Any] = {HTTP_ROUTE: holder.route, HTTP_METHOD: holder.method}
+                if holder.opened_at is not None:
+                    attributes[CODE_FILE_PATH] = holder.opened_at[0]
+                    attributes[CODE_LINE_NUMBER] = holder.opened_at[1]
+                    attributes[CODE_FUNCTION_NAME] = holder.opened_at[2]
+                if holder.backend_pid is not None:
+                    attributes[PG_PID] = holder.backend_pid
+                side = holder.server
+                backend = None if side is None else side.backend
+                if side is not None and backend is not None:
+                    if backend.state is not None:
+                        attributes[PG_STATE] = backend.state
+                    if backend.wait_event_type is not None:
+                        attributes[PG_WAIT_EVENT_TYPE] = backend.wait_event_type
+                    if backend.wait_event is not None:
+                        attributes[PG_WAIT_EVENT] = backend.wait_event
+                    if backend.blocked_by:
+                        attributes[PG_BLOCKING_PIDS] = list(backend.blocked_by)
+                    if backend.query is not None:
+                        attributes[PG_QUERY_SHAPE] = backend.query
+                span.add_event("holder", attributes)
+        finally:
+            span.end()
+
+    def server_view_failed(self, pool_name: str, reason: str) -> None:
+        self.instruments.server_view_failures.add(
+            1, {**self._pool(pool_name), SERVER_VIEW_FAILURE: reason}
+        )
 
     def checkout_waited(self, pool_name: str) -> None:
         self.instruments.waited_checkouts.add(1, self._pool(pool_name))

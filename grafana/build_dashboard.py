@@ -815,11 +815,67 @@ def pitfalls() -> list[Panel]:
     ]
 
 
+def database() -> list[Panel]:
+    possible = Target(by_pool(series(metrics.CONNECTION_MAX)), f"{POOL_LEGEND} may be opened")
+    allowed = Target(
+        f"max by ({POOL_LABEL}) ({series(metrics.SERVER_CONNECTIONS_ALLOWED)})",
+        f"{POOL_LEGEND} the server allows",
+    )
+    return [
+        timeseries(
+            "Connections closed, by reason",
+            "Pooled connections closed per second: overflow (opened beyond pool_size for a peak, "
+            "closed when they came back; steady overflow closes are churn: raise pool_size), "
+            "unpooled (NullPool closes every one), recycled (pool_recycle), invalidated, "
+            "disposed. Compare with Connection create time: every close is a connect later.",
+            [
+                Target(
+                    f"sum by ({POOL_LABEL}, reason) ({rate(metrics.CONNECTIONS_CLOSED)})",
+                    f"{POOL_LEGEND} {{{{reason}}}}",
+                )
+            ],
+            unit="ops",
+            width=8,
+        ),
+        timeseries(
+            "Connections the pools may open vs what the server allows",
+            "Every selected instance's pool_size + max_overflow summed (workers included), against "
+            "what PostgreSQL lets this pool's role open to its database (max_connections less the "
+            "reserved slots, capped by the role's and the database's connection limits; read by "
+            "each process at startup). Above the dashed red line (the "
+            "SessionMonitorPoolsExceedServerLimit alert), a burst or a deploy that runs old and "
+            "new workers side by side gets 'too many clients': lower max_overflow or put a "
+            "pooler in front (runbook).",
+            [possible, allowed],
+            unit="short",
+            width=8,
+            overrides=[(by_ref("B"), dashed_line("red", unstacked=True))],
+        ),
+        timeseries(
+            "Server view reads that failed",
+            "Reads of pg_stat_activity (for a pool timeout's report, the diagnostics page) that "
+            "failed, per second, by reason: connect (no free slot at the server, authentication), "
+            "timeout, query (permission). The reports they served went out without the "
+            "server's part; nothing reached the app.",
+            [
+                Target(
+                    f"sum by ({POOL_LABEL}, reason) ({rate(metrics.SERVER_VIEW_FAILURES)})",
+                    f"{POOL_LEGEND} {{{{reason}}}}",
+                )
+            ],
+            unit="ops",
+            width=8,
+            steps=ANY_RATE,
+        ),
+    ]
+
+
 ROWS: tuple[tuple[str, Callable[[], list[Panel]]], ...] = (
     ("Overview", overview),
     ("Sessions", sessions),
     ("Leaks", leaks),
     ("Pool", pool),
+    ("Database server", database),
     ("Transactions", transactions),
     ("Pitfalls", pitfalls),
 )

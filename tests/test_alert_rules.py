@@ -31,6 +31,7 @@ REQUIRED_ALERTS = {
     ),
     "SQLAlchemySessionPitfall": ("warning", "0m", "sqlalchemy_session_pitfalls_total"),
     "SessionMonitorInternalErrors": ("warning", "0m", "session_monitor_internal_errors_total"),
+    "SessionMonitorPoolsExceedServerLimit": ("warning", "15m", None),
 }
 
 

@@ -36,6 +36,13 @@ POOL_METRICS = {
     "sqlalchemy_pool_cancelled_waits_total",
     "sqlalchemy_pool_used_peak",
 }
+# The database server's side of a pool (docs/database.md), in a row of its own.
+DATABASE_METRICS = {
+    "sqlalchemy_pool_closed_connections_total",
+    "session_monitor_server_connections_allowed",
+    "session_monitor_server_view_failures_total",
+}
+POOL_METRICS |= DATABASE_METRICS
 SESSION_METRICS = {
     "sqlalchemy_sessions_opened_total",
     "sqlalchemy_sessions_closed_total",
@@ -67,10 +74,11 @@ REQUIRED_FILTERS = {
 # conventions' (as OpenTelemetry's Prometheus exporter spells them).
 OLD_LABELS = ("pool_name", "state")
 
-ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Transactions", "Pitfalls")
+ROWS = ("Overview", "Sessions", "Leaks", "Pool", "Database server", "Transactions", "Pitfalls")
 # Where each metric must be drawn (the Overview row repeats some of them).
 METRIC_ROWS = {
-    **{m: ("Pool",) for m in POOL_METRICS},
+    **{m: ("Pool",) for m in POOL_METRICS - DATABASE_METRICS},
+    **{m: ("Database server",) for m in DATABASE_METRICS},
     "sqlalchemy_sessions_opened_total": ("Sessions",),
     "sqlalchemy_sessions_closed_total": ("Sessions",),
     "sqlalchemy_sessions_active": ("Sessions",),

@@ -233,6 +233,9 @@ def test_every_panel_answers_and_the_alerts_fire(
         }
         queries = panel_queries(dashboard, variables)
         assert queries, "the dashboard has no queries"
+        if database_url.startswith("sqlite"):
+            # What the server allows is PostgreSQL's to say (docs/database.md): no series here.
+            queries = [q for q in queries if "session_monitor_server_connections_allowed" not in q[1]]
         empty = list(queries)
 
         def every_panel_answers() -> bool:

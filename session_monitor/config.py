@@ -29,6 +29,8 @@ class MonitorConfig:
     timeout_log_interval: float = 10.0
     diagnostics_path: str | None = None
     diagnostics_token: str | None = None
+    # Under PROMETHEUS_MULTIPROC_DIR: how long, in all, the page waits for the other workers.
+    diagnostics_deadline: float = 1.0
     # Modules (and their submodules) whose frames are never the application's line.
     library_packages: tuple[str, ...] = ()
 
@@ -59,9 +61,11 @@ class MonitorConfig:
                 "diagnostics_token must be a string of at least 16 characters (for example "
                 "secrets.token_urlsafe()), or None to answer loopback clients only"
             )
-        for name in ("idle_in_transaction_threshold", "timeout_log_interval"):
+        for name in (
+            "idle_in_transaction_threshold", "timeout_log_interval", "diagnostics_deadline"
+        ):
             seconds = getattr(self, name)
-            if (seconds is not None or name == "timeout_log_interval") and not _positive(seconds):
+            if (seconds is not None or not name.startswith("idle")) and not _positive(seconds):
                 raise ConfigurationError(
                     f"{name} must be a positive number of seconds"
                     + (" or None to switch it off" if name.startswith("idle") else "")

@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -27,7 +27,7 @@ from .config import (
     sync_engines_of,
 )
 from .context import RequestScope
-from .diagnostics import DiagnosticsApp
+from .diagnostics import DiagnosticsApp, worker_answer
 from .forking import Stage, in_child, new_lock
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
 from .idle import IdleInTransactionSampler
@@ -41,6 +41,7 @@ from .pool import PoolTracker
 from .records import SessionView
 from .sessions import SessionTracker
 from .stacks import add_library_packages
+from .workers import WorkerSocket
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -81,6 +82,7 @@ class SessionMonitor:
         timeout_log_interval: float = 10.0,
         diagnostics_path: str | None = None,
         diagnostics_token: str | None = None,
+        diagnostics_deadline: float = 1.0,
         opentelemetry: bool | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
@@ -100,6 +102,7 @@ class SessionMonitor:
             timeout_log_interval=timeout_log_interval,
             diagnostics_path=diagnostics_path,
             diagnostics_token=diagnostics_token,
+            diagnostics_deadline=diagnostics_deadline,
             library_packages=package_names(library_packages),
         )
         if pool_name is not None and len(sync_engines) != 1:
@@ -175,10 +178,27 @@ class SessionMonitor:
             if self.config.metrics_path is None or registry is None
             else metrics_app(registry, self._guard.failed)
         )
+        # Every worker on the page: each listens for the others (`workers.py`).
+        self._worker_socket = (
+            WorkerSocket(
+                os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                _answer_of(weakref.ref(self)),
+                self._guard.failed,
+            )
+            if multiprocess and diagnostics_path is not None
+            else None
+        )
         self.diagnostics_app = (
             None
             if diagnostics_path is None
-            else DiagnosticsApp(self, diagnostics_path, diagnostics_token, self._guard.failed)
+            else DiagnosticsApp(
+                self,
+                diagnostics_path,
+                diagnostics_token,
+                self._guard.failed,
+                workers=self._worker_socket,
+                deadline=diagnostics_deadline,
+            )
         )
         self._engines = [weakref.ref(engine) for engine in sync_engines]
         self._age_watcher: AgeWatcher | None = None
@@ -277,6 +297,8 @@ class SessionMonitor:
         if self._idle_sampler is not None:
             self._idle_sampler.stop()
             self._idle_sampler = None
+        if self._worker_socket is not None:
+            self._worker_socket.stop()
         for app in list(self._apps):
             remove_middleware(app, self)
         self._apps = weakref.WeakSet()
@@ -294,6 +316,17 @@ class SessionMonitor:
             self._sessions.leaks.request_finished(request)
         except Exception:
             self._guard.failed("request_end")
+
+    def _serving(self, serving: bool) -> None:
+        """The app's lifespan: this process starts (or stops) serving requests, as a worker."""
+        try:
+            if self._worker_socket is not None:
+                if serving:
+                    self._worker_socket.start()
+                else:
+                    self._worker_socket.stop()
+        except Exception:
+            self._guard.failed("worker_socket")
 
     def _count_internal_error(self, listener: str) -> None:
         with self._errors_lock:
@@ -350,3 +383,14 @@ class SessionMonitor:
         the database yet, is closed, or is on an engine not watched."""
         tracked = self._sessions.tracked(session)
         return None if tracked is None else tracked.view
+
+
+def _answer_of(monitor: weakref.ref[SessionMonitor]) -> Callable[[], bytes]:
+    # Weakly: the listening thread must not keep a monitor alive that nobody uses.
+    def answer() -> bytes:
+        alive = monitor()
+        if alive is None:
+            raise RuntimeError("the monitor is gone")
+        return worker_answer(alive)
+
+    return answer

@@ -276,7 +276,7 @@ def test_the_page_shows_who_holds_the_pool(
     assert [row[1:] for row in holders[1:]] == [
         *[
             ["GET /demo/leak", "session", POOL, row[4], LEAK_OPENED,
-             "nobody (its request ended) (leaked)", "—"]
+             "nobody: leaked, its request ended", "—"]
             for row in holders[1:3]
         ],
         ["GET /demo/hold", "session", POOL, holders[3][4], HOLD_OPENED,

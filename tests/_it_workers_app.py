@@ -4,7 +4,8 @@ Configured by the environment the test sets: SESSION_MONITOR_IT_DATABASE_URL (a 
 SESSION_MONITOR_IT_MARKERS (a directory) and PROMETHEUS_MULTIPROC_DIR. Each endpoint answers
 with the pid of the worker that served it. `/hold` and `/block` hold a connection until they
 return; each first writes `<markers>/<token>.<pid>`, so the test knows which worker holds it
-while it is held. `/hold` returns once `<markers>/release` exists.
+while it is held. `/hold` returns once `<markers>/release` exists. `/exhaust` times out on a pool of one
+connection, from an async endpoint that uses a sync session (a pitfall).
 """
 
 import os
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
@@ -28,8 +29,17 @@ engine = create_engine(
     max_overflow=0,
     connect_args={"check_same_thread": False},
 )
+# One connection, given up after 0.2 s: /exhaust times out on it.
+small = create_engine(
+    os.environ["SESSION_MONITOR_IT_DATABASE_URL"].replace(".db", "-small.db"),
+    poolclass=QueuePool,
+    pool_size=1,
+    max_overflow=0,
+    pool_timeout=0.2,
+    connect_args={"check_same_thread": False},
+)
 SessionLocal = sessionmaker(bind=engine)
-monitor = SessionMonitor(engine, diagnostics_path=PAGE, log_leaks=False)
+monitor = SessionMonitor(engine, small, diagnostics_path=PAGE, log_leaks=False)
 app = FastAPI()
 monitor.instrument_app(app)
 # Sessions /leak opened and never closed; kept alive until the worker exits.
@@ -66,3 +76,17 @@ async def block(token: str, seconds: float) -> dict[str, int]:
         mark(token)
         time.sleep(seconds)  # noqa: ASYNC251 (the point: its event loop serves nothing meanwhile)
     return {"pid": os.getpid()}
+
+
+@app.post("/exhaust")
+async def exhaust() -> dict[str, int]:
+    # A sync session on the event loop (a pitfall), and a second one that times out waiting
+    # for the small pool's one connection.
+    with Session(small) as first:
+        first.execute(text("select 1"))
+        with Session(small) as second:
+            try:
+                second.execute(text("select 1"))
+            except exc.TimeoutError:
+                return {"pid": os.getpid()}
+    raise RuntimeError("the small pool did not time out")

@@ -1,33 +1,43 @@
 """One diagnostics page for every worker: real servers with three workers, real Unix sockets.
 
 `tests/_it_workers_app.py` runs under `uvicorn --workers 3` and gunicorn's UvicornWorker (with and
-without --preload) with PROMETHEUS_MULTIPROC_DIR set. Requests are sent until every worker has
-leaked sessions and holds connections; the pids the app reports are the truth. One `/json`
-request, to whichever worker, must list every holder of every worker. A stopped worker (SIGSTOP)
-is listed as not answering and the page still comes back; a worker whose event loop is blocked
-still answers; a killed worker drops out and its replacement appears.
+without --preload) with PROMETHEUS_MULTIPROC_DIR set (`tests/_workers_servers.py`). Requests are
+sent until every worker has leaked sessions, holds connections, timed out on a pool and fallen
+into pitfalls; the pids the app reports are the truth. One `/json` request, to whichever worker,
+must list all of it for every worker. A stopped worker (SIGSTOP) is listed as not answering and
+the page still comes back; a worker whose event loop is blocked still answers; a killed worker
+drops out and its replacement appears.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import stat
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _e2e_servers import HOST, Servers, eventually, free_port, workers_of
+from _e2e_servers import Servers, eventually
+from _workers_servers import (
+    PAGE,
+    SERVERS,
+    WORKERS,
+    Holds,
+    Running,
+    everyone_answers,
+    marked,
+    page,
+    request_in_thread,
+    spread,
+    start_server,
+    statuses,
+)
 from conftest import in_child
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -37,88 +47,9 @@ from sqlalchemy.orm import Session
 from session_monitor import SessionMonitor
 from session_monitor.workers import SOCKET_DIRECTORY, ask_workers
 
-WORKERS = 3
-PAGE = "/_session_monitor"
-LEAKS_PER_WORKER = 2
-MAX_REQUESTS = 150  # leak requests sent, at most, before every worker has had its share
-MAX_HOLDS = 40
-RECENT_LEAKS = 20  # the leaks each worker keeps for the page
-STARTUP = 30.0
+RECENT = 20  # the leaks, pitfalls and pool events each worker keeps for the page
 # The page's keys in one process, as before workers were shown.
 ONE_PROCESS_KEYS = {"generated_at", "pools", "holders", "groups", "leaks", "pitfalls", "pool_events"}
-
-SERVERS = {
-    "uvicorn": ["-m", "uvicorn", "--workers", str(WORKERS), "--no-access-log"],
-    "gunicorn": ["-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", str(WORKERS)],
-    "gunicorn --preload": [
-        "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", str(WORKERS), "--preload"
-    ],
-}
-
-
-@dataclass
-class Running:
-    url: str
-    supervisor: int
-    sockets: Path  # PROMETHEUS_MULTIPROC_DIR/session_monitor
-    markers: Path
-
-    def workers(self) -> set[int]:
-        return set(workers_of(self.supervisor))
-
-
-def page(url: str) -> dict[str, Any]:
-    # A new connection each time: any worker whose event loop runs may serve it.
-    response = httpx.get(f"{url}{PAGE}/json", timeout=10, headers={"Connection": "close"})
-    response.raise_for_status()
-    data: dict[str, Any] = response.json()
-    return data
-
-
-def statuses(data: dict[str, Any]) -> dict[int, str]:
-    return {worker["pid"]: worker["status"] for worker in data["workers"]}
-
-
-def everyone_answers(data: dict[str, Any], pids: set[int]) -> bool:
-    return sorted(statuses(data).values()) == ["answered"] * (len(pids) - 1) + [
-        "this worker"
-    ] and set(statuses(data)) == pids
-
-
-def start_server(kind: str, tmp_path: Path, servers: Servers) -> Running:
-    multiprocess = tmp_path / "prometheus"
-    markers = tmp_path / "markers"
-    multiprocess.mkdir()
-    markers.mkdir()
-    port = free_port()
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in ("OTEL_EXPORTER_OTLP_ENDPOINT",)
-    }
-    env |= {
-        "PROMETHEUS_MULTIPROC_DIR": str(multiprocess),
-        "SESSION_MONITOR_IT_DATABASE_URL": f"sqlite:///{tmp_path / 'workers.db'}",
-        "SESSION_MONITOR_IT_MARKERS": str(markers),
-        "PYTHONUNBUFFERED": "1",
-    }
-    arguments = [*SERVERS[kind], "tests._it_workers_app:app"]
-    if kind == "uvicorn":
-        arguments += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
-    else:
-        arguments += ["-b", f"{HOST}:{port}", "--log-level", "warning"]
-    server = servers.start(kind.replace(" ", ""), [sys.executable, *arguments], port=port, env=env)
-    running = Running(server.url, server.process.pid, multiprocess / SOCKET_DIRECTORY, markers)
-    deadline = time.monotonic() + STARTUP
-    # Ready when every worker answers on the page (each listens once its lifespan started).
-    while True:
-        assert server.process.poll() is None, server.describe()
-        assert time.monotonic() < deadline, f"workers never all answered: {server.describe()}"
-        pids = running.workers()
-        with contextlib.suppress(httpx.HTTPError):
-            if len(pids) == WORKERS and everyone_answers(page(running.url), pids):
-                return running
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -129,99 +60,64 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
     assert not leftovers, f"still running after the test: {leftovers}"
 
 
-def require_gunicorn(kind: str) -> None:
-    if kind.startswith("gunicorn") and shutil.which("gunicorn", path=Path(sys.executable).parent) is None:
-        pytest.skip("gunicorn is not installed (the test extra installs it)")
-
-
 @pytest.fixture(params=list(SERVERS))
 def server(request: pytest.FixtureRequest, tmp_path: Path, servers: Servers) -> Running:
-    require_gunicorn(request.param)
     return start_server(request.param, tmp_path, servers)
 
 
 @pytest.fixture(params=["uvicorn", "gunicorn"])
 def plain_server(request: pytest.FixtureRequest, tmp_path: Path, servers: Servers) -> Running:
-    require_gunicorn(request.param)
     return start_server(request.param, tmp_path, servers)
-
-
-def leak_until_every_worker_leaked(url: str, pids: set[int]) -> Counter[int]:
-    leaks: Counter[int] = Counter()
-
-    def leak(_: int) -> int:
-        response = httpx.post(f"{url}/leak", timeout=10, headers={"Connection": "close"})
-        response.raise_for_status()
-        pid: int = response.json()["pid"]
-        return pid
-
-    with ThreadPoolExecutor(WORKERS) as pool:  # concurrent, so that every worker takes some
-        while min(leaks[pid] for pid in pids) < LEAKS_PER_WORKER:
-            assert sum(leaks.values()) < MAX_REQUESTS, f"only {dict(leaks)} ever answered"
-            leaks.update(pool.map(leak, range(WORKERS)))
-    assert set(leaks) == pids
-    return leaks
-
-
-def marked(markers: Path, token: str) -> int | None:
-    found = list(markers.glob(f"{token}.*"))
-    return int(found[0].suffix[1:]) if found else None
-
-
-def request_in_thread(url: str, path: str, answers: list[int]) -> threading.Thread:
-    def run() -> None:
-        response = httpx.get(f"{url}{path}", timeout=70, headers={"Connection": "close"})
-        answers.append(response.json()["pid"])
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_one_page_lists_every_holder_of_every_worker(server: Running) -> None:
     pids = server.workers()
-    leaks = leak_until_every_worker_leaked(server.url, pids)
-    holds: Counter[int] = Counter()
-    answers: list[int] = []
-    threads = []
-    while min(holds[pid] for pid in pids) < 1:
-        assert len(threads) < MAX_HOLDS, f"only workers {set(holds)} ever took a /hold"
-        token = f"hold{len(threads)}"
-        threads.append(request_in_thread(server.url, f"/hold?token={token}", answers))
-        assert eventually(
-            lambda: marked(server.markers, token) is not None, timeout=10, interval=0.02  # noqa: B023
-        ), "a /hold never took its connection"
-        holds[marked(server.markers, token)] += 1  # type: ignore[index]
+    leaks = spread(server.url, "/leak", pids, per_worker=2)
+    timeouts = spread(server.url, "/exhaust", pids)
+    holds = Holds(server)
     try:
+        holds.until_every_worker_holds(pids)
         data = page(server.url)  # one request, whichever worker serves it
     finally:
-        (server.markers / "release").touch()
-        for thread in threads:
-            thread.join(timeout=30)
-    assert Counter(answers) == holds  # the markers told the truth about who held
+        holds.release()
+    assert Counter(holds.answers) == holds.by_worker  # the markers told who held
 
     assert everyone_answers(data, pids), data["workers"]
     assert data["note"] is None
     held = Counter((holder["pid"], holder["route"]) for holder in data["holders"])
     assert held == Counter(
         {**{(pid, "/leak"): n for pid, n in leaks.items()},
-         **{(pid, "/hold"): n for pid, n in holds.items()}}
+         **{(pid, "/hold"): n for pid, n in holds.by_worker.items()}}
     )
-    assert {holder["activity"] for holder in data["holders"] if holder["route"] == "/leak"} == {
-        "leaked"
-    }
+    assert {h["activity"] for h in data["holders"] if h["route"] == "/leak"} == {"leaked"}
     assert Counter(leak["pid"] for leak in data["leaks"]) == {
-        pid: min(n, RECENT_LEAKS) for pid, n in leaks.items()
+        pid: min(n, RECENT) for pid, n in leaks.items()
     }
-    (total,) = data["pool_totals"]
-    assert (total["used"], total["workers"]) == (leaks.total() + holds.total(), WORKERS)
-    assert sum(pool["used"] for pool in data["pools"]) == total["used"]
-    by_route = Counter()
+    # Each /exhaust: one timeout, and two pitfalls (a sync session on the event loop, and a
+    # second checkout while the first is held).
+    assert Counter((e["pid"], e["kind"]) for e in data["pool_events"]) == {
+        (pid, "timeout"): min(n, RECENT) for pid, n in timeouts.items()
+    }
+    assert Counter((p["pid"], p["kind"]) for p in data["pitfalls"]) == {
+        (pid, kind): min(n, RECENT // 2)
+        for pid, n in timeouts.items()
+        for kind in ("blocking_event_loop", "nested_checkout")
+    }
+    totals = {total["name"]: total for total in data["pool_totals"]}
+    assert {name: (t["used"], t["workers"]) for name, t in totals.items()} == {
+        "workers.db": (leaks.total() + holds.by_worker.total(), WORKERS),
+        "workers-small.db": (0, WORKERS),
+    }
+    assert totals["workers.db"]["maximum"] == WORKERS * 100
+    assert sum(p["used"] for p in data["pools"] if p["name"] == "workers.db") == leaks.total() + (
+        holds.by_worker.total()
+    )
+    by_route: Counter[str] = Counter()
     for group in data["groups"]:
         by_route[group["route"]] += group["count"]
-    assert by_route == {"/leak": leaks.total(), "/hold": holds.total()}
+    assert by_route == {"/leak": leaks.total(), "/hold": holds.by_worker.total()}
 
     # Only the server's user may connect: the directory is 0700, each socket 0600.
     assert stat.S_IMODE(server.sockets.stat().st_mode) == 0o700

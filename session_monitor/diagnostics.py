@@ -275,7 +275,7 @@ h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:4px 6px;
 text-align:left;vertical-align:top}th{background:#f3f3f3;cursor:default;white-space:nowrap}
 th.sort{cursor:pointer}td{white-space:nowrap}
-td.text{white-space:normal;overflow-wrap:anywhere;min-width:12em}
+td.text{white-space:normal;overflow-wrap:break-word;min-width:10em}
 summary{cursor:pointer}
 code,pre{font:12px ui-monospace,monospace}pre{margin:2px 0;white-space:pre-wrap;
 overflow-wrap:anywhere}
@@ -304,12 +304,20 @@ const opened = new Set();  // the stacks the reader expanded: they stay open acr
 const TEXT = new Set(["opened at","holder","now at","held by","at line","detail","request",
   "why"]);
 function loc(l){return l ? l.file + ":" + l.line + " in " + l.function : "<unknown>";}
+// Text that may break after each "/" (a <wbr>, which copies as nothing): paths wrap whole.
+function breakable(text){const f=document.createDocumentFragment();
+  const parts=String(text).split("/");
+  parts.forEach((part,i)=>{const last=i===parts.length-1;
+    f.appendChild(document.createTextNode(last?part:part+"/"));
+    if (!last) f.appendChild(document.createElement("wbr"));});
+  return f;}
 function cell(row, value, text){const td=document.createElement("td");
-  if (value instanceof Node) td.appendChild(value); else td.textContent = String(value);
+  if (value instanceof Node) td.appendChild(value);
+  else if (text) td.appendChild(breakable(value)); else td.textContent = String(value);
   if (text) td.className="text"; row.appendChild(td); return td;}
 function details(key, summary, lines){const d=document.createElement("details");
   d.open=opened.has(key); d.ontoggle=()=>{if (d.open) opened.add(key); else opened.delete(key);};
-  const s=document.createElement("summary"); s.textContent=summary; d.appendChild(s);
+  const s=document.createElement("summary"); s.appendChild(breakable(summary)); d.appendChild(s);
   const p=document.createElement("pre"); p.textContent=lines.join("\\n"); d.appendChild(p);
   return d;}
 function fill(id, headers, rows, onHeader){const t=document.getElementById(id);

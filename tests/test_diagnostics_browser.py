@@ -15,8 +15,9 @@ where that is a failure. With SESSION_MONITOR_SCREENSHOT=docs/diagnostics.png (a
 to the checkout) the first test also writes a full-page screenshot, 1280 px wide, for the README.
 
 A third test runs the page under `uvicorn --workers 3` (tests/_workers_servers.py): every worker's
-holders, labelled with its pid, on one page that fits the window without cutting a column
-(SESSION_MONITOR_WORKERS_SCREENSHOT=<path> writes its screenshot).
+holders, labelled with its pid, on one page that fits the window without cutting a column, and
+a worker stopped with SIGSTOP named as not answering (SESSION_MONITOR_WORKERS_SCREENSHOT=<path>
+writes a screenshot of each).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import inspect
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -489,5 +491,30 @@ def test_the_page_shows_every_worker(
         screenshot = os.environ.get(WORKERS_SCREENSHOT_ENV)
         if screenshot:
             save_screenshot(browser, ROOT / screenshot)
+
+        # A stopped worker: the page says plainly that it shows two of three. Loaded by another
+        # host name, so that the browser has no kept-alive connection to the stopped worker.
+        victim = min(pids)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            port = running.url.rsplit(":", 1)[1]
+            browser.get(f"http://localhost:{port}{PAGE}")
+            note = browser.find_element(By.ID, "note")
+            wait_for(note.is_displayed, "the note that a worker is not answering")
+            assert note.text.startswith(
+                f"This page shows 2 of 3 workers: pid {victim} is not answering"
+            )
+            assert [row[1:] for row in cells(browser, "workers") if row[0] == str(victim)] == [
+                ["not answering", "no answer within 1 s"]
+            ]
+            assert {row[1] for row in cells(browser, "holders")[1:]} == {
+                str(pid) for pid in pids - {victim}
+            }
+            if screenshot:
+                stopped = ROOT / screenshot
+                save_screenshot(browser, stopped.with_name(f"{stopped.stem}-stopped.png"))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
     finally:
         holds.release()

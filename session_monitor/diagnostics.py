@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 from .stacks import format_location
-from .workers import WorkerAnswer, WorkerSocket, ask_workers
+from .workers import FAILED, WorkerAnswer, WorkerSocket, ask_workers
 
 if TYPE_CHECKING:
     from .monitor import SessionMonitor
@@ -165,6 +165,14 @@ def _every_worker(
         answers, asking = ask_workers(workers.directory, deadline), None
     except OSError as error:
         answers, asking = [], f"the other workers cannot be asked ({error})"
+    # A worker running another release of the package (during a deploy) may answer in
+    # another shape: shown as failed rather than failing the page.
+    answers = [
+        answer
+        if answer.data is None or own.keys() <= answer.data.keys()
+        else answer._replace(status=FAILED, data=None, detail="its answer has another shape")
+        for answer in answers
+    ]
     return all_workers_data(own, answers, listening=workers.problem, asking=asking)
 
 

@@ -29,6 +29,8 @@ class MonitorConfig:
     timeout_log_interval: float = 10.0
     diagnostics_path: str | None = None
     diagnostics_token: str | None = None
+    # Under PROMETHEUS_MULTIPROC_DIR: how long, in all, the page waits for the other workers.
+    diagnostics_deadline: float = 1.0
     # Modules (and their submodules) whose frames are never the application's line.
     library_packages: tuple[str, ...] = ()
     # The database's view (PostgreSQL): read on demand, shared for this many seconds.
@@ -86,6 +88,7 @@ class MonitorConfig:
             "idle_in_transaction_threshold",
             "timeout_log_interval",
             "server_view_interval",
+            "diagnostics_deadline",
         ):
             seconds = getattr(self, name)
             if (seconds is not None or not name.startswith("idle")) and not _positive(seconds):

@@ -187,14 +187,18 @@ class DatabaseView:
 
     # -- per pool, for the page -----------------------------------------------------------------
 
-    def pool_report(self, state: PoolState) -> dict[str, Any]:
+    def pool_report(
+        self, state: PoolState, holders: list[HolderView] | None = None
+    ) -> dict[str, Any]:
         """What the page shows of one pool's server side: the holders' summary, lost
-        connections and the sizing verdicts."""
+        connections and the sizing verdicts. `holders`: every worker's holders of the pool
+        (the page's), read in one go; by default this process's."""
         reason = self.unavailable(state)
         facts = self.facts(state)
         report: dict[str, Any] = {
             "pool_name": state.name,
             "available": reason is None,
+            "tagged": self.service is not None,
             "error": reason,
             "holders": [],
             "lost": [],
@@ -203,11 +207,9 @@ class DatabaseView:
         }
         if reason is not None:
             return report
-        holders = [
-            h
-            for h in holder_views(self._pools.checkouts(), self._pools.backend_pids())
-            if h.pool_name == state.name
-        ]
+        if holders is None:
+            holders = holder_views(self._pools.checkouts(), self._pools.backend_pids())
+        holders = [h for h in holders if h.pool_name == state.name]
         reading = self.recent(state, pids_of(holders))
         facts = self.facts(state)  # with the limits the reading may have brought
         with state.lock:

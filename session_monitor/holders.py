@@ -80,6 +80,25 @@ class HolderView(NamedTuple):
         }
 
 
+def holder_from_dict(data: dict[str, Any]) -> HolderView:
+    """A holder as `HolderView.as_dict` wrote it (another worker's, on the diagnostics page),
+    without its server side."""
+
+    def location(found: dict[str, Any] | None) -> Location | None:
+        return None if found is None else (found["file"], found["line"], found["function"])
+
+    fields = {name: data[name] for name in HolderView._fields if name in data}
+    return HolderView(
+        **{
+            **fields,
+            "opened_at": location(data.get("opened_at")),
+            "opened_stack": tuple(filter(None, map(location, data.get("opened_stack", ())))),
+            "now_at": tuple(filter(None, map(location, data.get("now_at", ())))),
+            "server": None,
+        }
+    )
+
+
 def _location_dict(location: Location | None) -> dict[str, Any] | None:
     if location is None:
         return None

@@ -107,11 +107,14 @@ class SessionMonitorMiddleware:
             message = await receive()
             if message.get("type") == "lifespan.shutdown":
                 phase.serving = False
+                self.monitor._serving(False)
             return message
 
         async def send_noting_startup(message: Message) -> None:
             if message.get("type") in ("lifespan.startup.complete", "lifespan.startup.failed"):
                 phase.serving = True
+                if message["type"] == "lifespan.startup.complete":
+                    self.monitor._serving(True)
             await send(message)
 
         try:

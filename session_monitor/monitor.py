@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -29,7 +29,7 @@ from .config import (
 )
 from .context import RequestScope
 from .database_view import DatabaseView
-from .diagnostics import DiagnosticsApp
+from .diagnostics import DiagnosticsApp, worker_answer
 from .forking import Stage, in_child, new_lock
 from .holders import HolderView, PoolEvent, PoolUsage, holder_views
 from .idle import IdleInTransactionSampler
@@ -43,6 +43,7 @@ from .pool import PoolTracker
 from .records import SessionView
 from .sessions import SessionTracker
 from .stacks import add_library_packages
+from .workers import WorkerSocket
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -94,6 +95,7 @@ class SessionMonitor:
         timeout_log_interval: float = 10.0,
         diagnostics_path: str | None = None,
         diagnostics_token: str | None = None,
+        diagnostics_deadline: float = 1.0,
         opentelemetry: bool | None = None,
         tracer_provider: Any = None,
         meter_provider: Any = None,
@@ -116,6 +118,7 @@ class SessionMonitor:
             timeout_log_interval=timeout_log_interval,
             diagnostics_path=diagnostics_path,
             diagnostics_token=diagnostics_token,
+            diagnostics_deadline=diagnostics_deadline,
             library_packages=package_names(library_packages),
             server_view=server_view,
             server_view_interval=server_view_interval,
@@ -206,10 +209,27 @@ class SessionMonitor:
             if self.config.metrics_path is None or registry is None
             else metrics_app(registry, self._guard.failed)
         )
+        # Every worker on the page: each listens for the others (`workers.py`).
+        self._worker_socket = (
+            WorkerSocket(
+                os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                _answer_of(weakref.ref(self)),
+                self._guard.failed,
+            )
+            if multiprocess and diagnostics_path is not None
+            else None
+        )
         self.diagnostics_app = (
             None
             if diagnostics_path is None
-            else DiagnosticsApp(self, diagnostics_path, diagnostics_token, self._guard.failed)
+            else DiagnosticsApp(
+                self,
+                diagnostics_path,
+                diagnostics_token,
+                self._guard.failed,
+                workers=self._worker_socket,
+                deadline=diagnostics_deadline,
+            )
         )
         self._engines = [weakref.ref(engine) for engine in sync_engines]
         self._age_watcher: AgeWatcher | None = None
@@ -308,6 +328,8 @@ class SessionMonitor:
         if self._idle_sampler is not None:
             self._idle_sampler.stop()
             self._idle_sampler = None
+        if self._worker_socket is not None:
+            self._worker_socket.stop()
         for app in list(self._apps):
             remove_middleware(app, self)
         self._apps = weakref.WeakSet()
@@ -325,6 +347,17 @@ class SessionMonitor:
             self._sessions.leaks.request_finished(request)
         except Exception:
             self._guard.failed("request_end")
+
+    def _serving(self, serving: bool) -> None:
+        """The app's lifespan: this process starts (or stops) serving requests, as a worker."""
+        try:
+            if self._worker_socket is not None:
+                if serving:
+                    self._worker_socket.start()
+                else:
+                    self._worker_socket.stop()
+        except Exception:
+            self._guard.failed("worker_socket")
 
     def _count_internal_error(self, listener: str) -> None:
         with self._errors_lock:
@@ -357,12 +390,13 @@ class SessionMonitor:
         _off_the_loop("holders(server_view=True)", "monitor.holders, server_view=True")
         return self._database.joined(holders)
 
-    def database_report(self) -> list[dict[str, Any]]:
+    def database_report(self, holders: list[HolderView] | None = None) -> list[dict[str, Any]]:
         """Each pool's server side (PostgreSQL): what its holders are doing at the server,
         connections the pools lost, and the sizing verdicts. Waits for the server like
-        ``holders(server_view=True)``: call it off the event loop."""
+        ``holders(server_view=True)``: call it off the event loop. `holders`: whose to join,
+        e.g. every worker's (the diagnostics page); by default this process's."""
         _off_the_loop("database_report()", "monitor.database_report")
-        return [self._database.pool_report(state) for state in self._pools.states()]
+        return [self._database.pool_report(state, holders) for state in self._pools.states()]
 
     def pool_usage(self) -> list[PoolUsage]:
         """Each watched pool now: connections used and idle, callers waiting, its bound."""
@@ -398,3 +432,14 @@ class SessionMonitor:
         the database yet, is closed, or is on an engine not watched."""
         tracked = self._sessions.tracked(session)
         return None if tracked is None else tracked.view
+
+
+def _answer_of(monitor: weakref.ref[SessionMonitor]) -> Callable[[], bytes]:
+    # Weakly: the listening thread must not keep a monitor alive that nobody uses.
+    def answer() -> bytes:
+        alive = monitor()
+        if alive is None:
+            raise RuntimeError("the monitor is gone")
+        return worker_answer(alive)
+
+    return answer

@@ -72,6 +72,24 @@ def eventually(check: Callable[[], bool], *, timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def workers_of(supervisor: int) -> list[int]:
+    """The live worker processes of a server's supervisor (uvicorn's, gunicorn's master)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its parenthesis
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[1]) == supervisor:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes()
+                if b"resource_tracker" not in command:  # multiprocessing's helper, no worker
+                    children.append(int(entry))
+    return children
+
+
 @dataclass
 class Server:
     name: str

@@ -192,7 +192,13 @@ def test_a_blocker_outside_the_process_is_named_as_such(
     make_monitor: Callable[..., SessionMonitor],
 ) -> None:
     engine = create_engine(postgres_url, pool_size=3, max_overflow=0)
-    monitor = make_monitor(engine, registry=registry, server_view_interval=0.01)
+    monitor = make_monitor(
+        engine,
+        registry=registry,
+        server_view_interval=0.01,
+        diagnostics_path="/_sm",
+        diagnostics_token="a-token-of-16-characters",
+    )
     release = threading.Event()
     app = build_app(engine, locked_row, release)
     monitor.instrument_app(app)
@@ -218,6 +224,8 @@ def test_a_blocker_outside_the_process_is_named_as_such(
         )
         holders = monitor.holders(server_view=True)
         (pool,) = monitor.database_report()
+        answer = client.get("/_sm/json", headers={"X-Session-Monitor-Token": "a-token-of-16-characters"})
+        (page,) = answer.json()["database"]  # the diagnostics page's section
     finally:
         outsider.rollback()
         outsider.close()
@@ -236,6 +244,8 @@ def test_a_blocker_outside_the_process_is_named_as_such(
     lines = "\n".join(pool["holders"])
     assert f"held by backend {outsider_pid} outside this process (application_name 'psql'), idle in transaction for" in lines
     assert "1 of 3 held by GET /slow" in lines and "running a statement" in lines
+    assert page["pool_name"] == pool["pool_name"] and page["available"] and page["error"] is None
+    assert any(f"held by backend {outsider_pid} outside this process" in line for line in page["holders"])
 
 
 @pytest.mark.anyio

@@ -13,6 +13,11 @@ The browser is Debian's, never a download: `chromium` and `chromium-driver` (/us
 (and SE_OFFLINE keeps it off the network if it were). Without them the tests skip, except on CI,
 where that is a failure. With SESSION_MONITOR_SCREENSHOT=docs/diagnostics.png (a path relative
 to the checkout) the first test also writes a full-page screenshot, 1280 px wide, for the README.
+
+A third test runs the page under `uvicorn --workers 3` (tests/_workers_servers.py): every worker's
+holders, labelled with its pid, on one page that fits the window without cutting a column, and
+a worker stopped with SIGSTOP named as not answering (SESSION_MONITOR_WORKERS_SCREENSHOT=<path>
+writes a screenshot of each).
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
+import signal
 import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +49,7 @@ from _e2e_servers import (
     http_client,
     wait_for_http,
 )
+from _workers_servers import Holds, spread, start_server
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
@@ -64,6 +73,7 @@ pytestmark = pytest.mark.e2e
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SCREENSHOT_ENV = "SESSION_MONITOR_SCREENSHOT"
+WORKERS_SCREENSHOT_ENV = "SESSION_MONITOR_WORKERS_SCREENSHOT"
 SCREENSHOT_WIDTH = 1280
 CHROMIUM_ARGUMENTS = (
     "--headless=new",
@@ -276,7 +286,7 @@ def test_the_page_shows_who_holds_the_pool(
     assert [row[1:] for row in holders[1:]] == [
         *[
             ["GET /demo/leak", "session", POOL, row[4], LEAK_OPENED,
-             "nobody (its request ended) (leaked)", "—"]
+             "nobody: leaked, its request ended", "—"]
             for row in holders[1:3]
         ],
         ["GET /demo/hold", "session", POOL, holders[3][4], HOLD_OPENED,
@@ -418,3 +428,93 @@ def test_html_in_a_route_is_shown_as_text_and_never_runs(
         route_path,
     )
     wait_for(lambda: browser.title == "injected", "the probe's handler run")
+
+
+# 2026-01-31 23:59:58+01:00: ISO 8601 date and time, with the zone's offset from UTC.
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d")
+
+
+def wider_than_the_window(browser: WebDriver) -> list[str]:
+    """The tables that would need a horizontal scroll at the window's width, by id."""
+    wide: list[str] = browser.execute_script(
+        "return [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null &&"
+        " t.scrollWidth > t.parentElement.clientWidth).map(t => t.id);"
+    )
+    return wide
+
+
+def test_the_page_shows_every_worker(
+    browser: WebDriver, servers: Servers, tmp_path: Path
+) -> None:
+    running = start_server("uvicorn", tmp_path, servers)
+    pids = running.workers()
+    leaks = spread(running.url, "/leak", pids)
+    spread(running.url, "/exhaust", pids)  # a pool timeout and two pitfalls in every worker
+    holds = Holds(running)
+    try:
+        holds.until_every_worker_holds(pids)
+        open_page(browser, running.url + PAGE)
+        wait_for(lambda: len(cells(browser, "workers")) == 1 + len(pids), "three workers")
+
+        workers = cells(browser, "workers")
+        assert workers[0] == ["worker", "status", "why"]
+        assert {int(row[0]) for row in workers[1:]} == pids
+        assert sorted(row[1] for row in workers[1:]) == ["answered", "answered", "this worker"]
+        assert not browser.find_element(By.ID, "note").is_displayed()
+        assert "3 of 3 workers shown" in status(browser)
+
+        pools = cells(browser, "pools")
+        assert pools[0] == ["pool", "used", "idle", "waiting", "max", "workers"]
+        used = leaks.total() + holds.by_worker.total()
+        assert ["workers.db", str(used)] == pools[1][:2] or ["workers.db", str(used)] in [
+            row[:2] for row in pools[1:]
+        ]
+
+        holders = cells(browser, "holders")
+        assert holders[0] == [
+            "age ▼", "worker", "request", "kind", "pool", "transaction", "opened at", "holder",
+            "now at",
+        ]
+        assert Counter((int(row[1]), row[2]) for row in holders[1:]) == Counter(
+            {**{(pid, "POST /leak"): n for pid, n in leaks.items()},
+             **{(pid, "GET /hold"): n for pid, n in holds.by_worker.items()}}
+        )
+        assert {row[7] for row in holders[1:] if row[2] == "POST /leak"} == {
+            "nobody: leaked, its request ended"
+        }
+        for table in ("events", "leaks", "pitfalls"):
+            rows = cells(browser, table)[1:]
+            assert {int(row[1]) for row in rows} == pids, table
+            assert all(ISO_TIME.fullmatch(row[0]) for row in rows), rows
+        assert wider_than_the_window(browser) == []
+
+        screenshot = os.environ.get(WORKERS_SCREENSHOT_ENV)
+        if screenshot:
+            save_screenshot(browser, ROOT / screenshot)
+
+        # A stopped worker: the page says plainly that it shows two of three. Loaded by another
+        # host name, so that the browser has no kept-alive connection to the stopped worker.
+        victim = min(pids)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            port = running.url.rsplit(":", 1)[1]
+            browser.get(f"http://localhost:{port}{PAGE}")
+            note = browser.find_element(By.ID, "note")
+            wait_for(note.is_displayed, "the note that a worker is not answering")
+            assert note.text.startswith(
+                f"This page shows 2 of 3 workers: pid {victim} is not answering"
+            )
+            assert [row[1:] for row in cells(browser, "workers") if row[0] == str(victim)] == [
+                ["not answering", "no answer within 1 s"]
+            ]
+            assert {row[1] for row in cells(browser, "holders")[1:]} == {
+                str(pid) for pid in pids - {victim}
+            }
+            if screenshot:
+                stopped = ROOT / screenshot
+                save_screenshot(browser, stopped.with_name(f"{stopped.stem}-stopped.png"))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+    finally:
+        holds.release()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _e2e_servers import workers_of
 from _it_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -108,23 +109,6 @@ def server(tmp_path: Path, database_url: str) -> Iterator[str]:
 
 # The uvicorn supervisor of each server fixture, by URL: its children are the workers.
 SUPERVISORS: dict[str, int] = {}
-
-
-def workers_of(supervisor: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may hold spaces, so split after its parenthesis
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[1]) == supervisor:
-                command = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if b"resource_tracker" not in command:  # multiprocessing's helper, no worker
-                    children.append(int(entry))
-    return children
 
 
 def scrape(url: str) -> list[Sample]:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Status, StatusCode
 
-from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE
+from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE, WEBSOCKET_METHOD
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
+    from sqlalchemy.engine import URL
 
     from .records import CheckoutView
 
@@ -27,6 +28,10 @@ CONNECTION_SPAN = "db.connection"
 
 # Semantic-convention attributes.
 DB_SYSTEM_NAME = "db.system.name"
+DB_NAMESPACE = "db.namespace"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+ERROR_TYPE = "error.type"
 POOL_NAME = "db.client.connection.pool.name"
 CONNECTION_STATE = "db.client.connection.state"
 HTTP_ROUTE = "http.route"
@@ -67,6 +72,35 @@ PITFALL_KIND = "session_monitor.pitfall.kind"
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.
 DB_SYSTEM_NAMES = {"mssql": "microsoft.sql_server", "oracle": "oracle.db"}
 
+# error.type of a session span whose status is ERROR: the canonical name of the exception
+# SQLAlchemy raised (as FastAPI's telemetry writes it on the server span when it propagates),
+# or, for a leak, which raises nothing, a value of our own.
+POOL_TIMEOUT_ERROR = "sqlalchemy.exc.TimeoutError"
+LEAK_ERROR = "session_leaked"
+
+_SQLITE_MEMORY = ("", ":memory:")
+
+
+def connection_attributes(url: URL) -> Attributes:
+    """db.namespace, server.address and server.port of an engine's URL; never its user name,
+    password or query."""
+    attributes: Attributes = {}
+    # A SQLite URI's parameters can end up in the database part (as in pool_name_for).
+    database = (url.database or "").split("?", 1)[0]
+    if url.get_backend_name() == "sqlite":
+        if database not in _SQLITE_MEMORY and not database.startswith("file::memory:"):
+            attributes[DB_NAMESPACE] = database
+        return attributes  # no server
+    if database:
+        # PostgreSQL's convention is "{database}|{schema}"; the schema is the search_path's,
+        # known only by asking the server, so the database alone, as the convention allows.
+        attributes[DB_NAMESPACE] = database
+    if url.host:
+        attributes[SERVER_ADDRESS] = url.host
+        if url.port:
+            attributes[SERVER_PORT] = url.port
+    return attributes
+
 
 def _method(method: str) -> str:
     # The conventions spell a method outside the standard set "_OTHER".
@@ -74,10 +108,11 @@ def _method(method: str) -> str:
 
 
 def request_attributes(route: str, method: str) -> Attributes:
-    """http.route and http.request.method, left out where there is no request or no route."""
+    """http.route and http.request.method, left out where there is no request or no route.
+    A WebSocket has no HTTP method: FastAPI's telemetry sets none on its span either."""
     if method == NO_REQUEST:
         return {}
-    attributes: Attributes = {HTTP_METHOD: _method(method)}
+    attributes: Attributes = {} if method == WEBSOCKET_METHOD else {HTTP_METHOD: _method(method)}
     if route != UNMATCHED_ROUTE:
         attributes[HTTP_ROUTE] = route
     return attributes
@@ -141,9 +176,10 @@ class SessionSpan:
                     outcome, {TRANSACTION_OUTCOME: outcome, TRANSACTION_DURATION: duration}
                 )
 
-    def fail(self, description: str) -> None:
+    def fail(self, error_type: str, description: str) -> None:
         with self.lock:
             if not self.ended:
+                self.span.set_attribute(ERROR_TYPE, error_type)
                 self.span.set_status(Status(StatusCode.ERROR, description))
 
     def end(self, leak: Attributes | None = None) -> None:
@@ -169,6 +205,7 @@ class SessionSpan:
             reason = str(leak[LEAK_REASON])
             summary[LEAKED] = True
             summary[LEAK_REASON] = reason
+            summary[ERROR_TYPE] = LEAK_ERROR
             span.add_event("session.leaked", leak)
             span.set_status(Status(StatusCode.ERROR, f"session leaked ({reason})"))
         span.set_attributes(summary)

@@ -10,8 +10,10 @@
 
 Every tracked session (an ORM Session, or a Core connection the app checked out itself) becomes
 one span, ``db.session`` or ``db.connection``, from its open to its close, child of the span that
-was current where the session first touched the database (the HTTP server span under
-opentelemetry-instrumentation-fastapi). While one of its statements runs, the session's span is
+was current where the session first touched the database: in a request, FastAPI's own server
+span (FastAPI 0.142 and later, ``FastAPI(telemetry=...)``) or one of its operation spans
+(``fastapi.endpoint``, ``fastapi.dependencies``); on an older FastAPI, the server span of
+opentelemetry-instrumentation-fastapi. While one of its statements runs, the session's span is
 the current span, so the statement spans of opentelemetry-instrumentation-sqlalchemy become its
 children. A leaked session's span ends when the leak is found, with status ERROR and a
 ``session.leaked`` event, so it is exported even if the session is never closed.
@@ -32,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from . import __version__
 from .forking import Stage, in_child
+from .naming import pool_name_for
 from .otel_instruments import Instruments
 from .otel_spans import (
     CLOSE_REASON,
@@ -59,6 +62,7 @@ from .otel_spans import (
     PG_WAIT_EVENT_TYPE,
     PITFALL_KIND,
     POOL_NAME,
+    POOL_TIMEOUT_ERROR,
     SCOPE,
     SERVER_VIEW_FAILURE,
     SERVER_VIEW_SPAN,
@@ -69,6 +73,7 @@ from .otel_spans import (
     WAIT_TIME,
     Attributes,
     SessionSpan,
+    connection_attributes,
     request_attributes,
 )
 from .otel_statements import StatementContext
@@ -98,6 +103,9 @@ class OpenTelemetryObserver:
         self._outcome_attributes: dict[tuple[str, str, str], Attributes] = {}
         self._pool_attributes: dict[str, Attributes] = {}
         self._state_attributes: dict[str, tuple[Attributes, Attributes]] = {}
+        # db.namespace, server.address and server.port of each pool's engines, by the pool's
+        # name as named from the URL; see `_connection`.
+        self._connection_attributes: dict[str, Attributes] = {}
         # Last published sizes per pool: the conventions make these UpDownCounters, so a size
         # is published as its change. pool_usage and pool_capacity are called under the pool's
         # lock, so the changes of one pool arrive in order.
@@ -147,6 +155,16 @@ class OpenTelemetryObserver:
             self._outcome_attributes[key] = attributes
         return attributes
 
+    def _connection(self, pool_name: str) -> Attributes:
+        attributes = self._connection_attributes.get(pool_name)
+        if attributes is not None:
+            return attributes
+        # A pool_name= given to SessionMonitor names the pool of its one engine, so a name that
+        # no URL gave is that engine's.
+        if len(self._connection_attributes) == 1:
+            return next(iter(self._connection_attributes.values()))
+        return {}
+
     def _span_of(self, session: SessionView | None) -> SessionSpan | None:
         return None if session is None else self._spans.get(session.id)
 
@@ -158,6 +176,7 @@ class OpenTelemetryObserver:
         self.instruments.sessions_active.add(1, attributes)
         span_attributes: Attributes = {
             DB_SYSTEM_NAME: DB_SYSTEM_NAMES.get(session.db_system, session.db_system),
+            **self._connection(session.pool_name),
             POOL_NAME: session.pool_name,
             LEAKED: False,
             **attributes,
@@ -314,7 +333,7 @@ class OpenTelemetryObserver:
         state = self._span_of(session)
         if state is not None:
             state.add_event("pool.timeout", attributes)
-            state.fail(f"connection pool timeout after {waited:.3f}s")
+            state.fail(POOL_TIMEOUT_ERROR, f"connection pool timeout after {waited:.3f}s")
             return
         # A Core connect() that timed out never became a session: tell the caller's span.
         # This runs synchronously in the thread that waited, so the current span is the caller's.
@@ -357,3 +376,10 @@ class OpenTelemetryObserver:
     def listen(self, engine: Engine) -> None:
         """Called for each engine the monitor watches, as it starts watching it."""
         self.statements.listen(engine)
+        name = pool_name_for(engine.url)
+        attributes = connection_attributes(engine.url)
+        known = self._connection_attributes.get(name)
+        if known is not None:
+            # Two URLs, one pool name (a host left out and "localhost", say): what they share.
+            attributes = {key: known[key] for key in known if attributes.get(key) == known[key]}
+        self._connection_attributes[name] = attributes

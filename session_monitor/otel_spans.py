@@ -66,7 +66,7 @@ PG_STATE = "postgresql.state"
 PG_WAIT_EVENT_TYPE = "postgresql.wait_event_type"
 PG_WAIT_EVENT = "postgresql.wait_event"
 PG_BLOCKING_PIDS = "postgresql.blocking.pids"
-PG_QUERY_SHAPE = "db.query.summary"
+PG_QUERY_SHAPE = "db.query.text"  # sanitized: the first line, every literal a "?"
 PITFALL_KIND = "session_monitor.pitfall.kind"
 
 # SQLAlchemy dialect names whose db.system.name differs from the dialect's name.

@@ -47,8 +47,6 @@ from .otel_spans import (
     DB_SYSTEM_NAME,
     DB_SYSTEM_NAMES,
     HOLDERS,
-    HTTP_METHOD,
-    HTTP_ROUTE,
     IDLE_FOR,
     INVALIDATION_REASON,
     LEAK_REASON,
@@ -267,7 +265,7 @@ class OpenTelemetryObserver:
         span = self._tracer.start_span(SERVER_VIEW_SPAN, attributes=self._pool(pool_name))
         try:
             for holder in holders:
-                attributes: dict[str, Any] = {HTTP_ROUTE: holder.route, HTTP_METHOD: holder.method}
+                attributes: dict[str, Any] = dict(request_attributes(holder.route, holder.method))
                 if holder.opened_at is not None:
                     attributes[CODE_FILE_PATH] = holder.opened_at[0]
                     attributes[CODE_LINE_NUMBER] = holder.opened_at[1]

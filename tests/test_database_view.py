@@ -597,3 +597,22 @@ def test_pgbouncer_in_front_is_said_and_the_rest_of_the_report_stands(
         in server_part
     )
     assert total(registry, "session_monitor_server_view_failures_total") == 0
+
+
+def test_the_page_and_holders_share_one_reading_per_interval(
+    postgres_url: str, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
+) -> None:
+    engine = create_engine(postgres_url, pool_size=2)
+    monitor = make_monitor(engine, registry=registry, server_view_interval=0.5)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+            first = [pool["read_at"] for pool in monitor.database_report()]
+            monitor.holders(server_view=True)
+            again = [pool["read_at"] for pool in monitor.database_report()]
+            time.sleep(0.6)
+            later = [pool["read_at"] for pool in monitor.database_report()]
+    finally:
+        engine.dispose()
+    assert first == again  # one read served both, and holders() between them
+    assert later[0] > first[0]

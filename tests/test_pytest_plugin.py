@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import POSTGRES_ENV
+from sqlalchemy.engine import make_url
+
+from session_monitor.naming import pool_name_for
 
 pytest_plugins = ["pytester"]
 
@@ -407,7 +410,7 @@ def test_postgres_outer_connection_and_a_leak(
     assert erroring_tests(result.stdout.str()) == {"test_pg.py::test_connection_left_open"}
     result.stdout.fnmatch_lines(
         [
-            "*Core connection on pool '127.0.0.1:5432/test' is still open*",
+            f"*Core connection on pool {pool_name_for(make_url(postgres_url))!r} is still open*",
             f"*opened at test_pg.py:{opening_line(path, 'pg_connection')} in "
             "test_connection_left_open, in the test, by test_pg.py::test_connection_left_open",
         ]

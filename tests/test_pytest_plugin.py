@@ -259,6 +259,28 @@ def test_fails_only_the_leaking_tests(pytester: pytest.Pytester) -> None:
     assert "@pytest.mark.session_monitor_allow_leaks" in fixture_leak
     teardown_leak = sections["test_leak_in_fixture_teardown"]
     assert "in the teardown of fixture 'cleanup_that_forgets'" in teardown_leak
+    # test_opted_out's connection is allowed by its marker, and counted apart.
+    assert (
+        f"session_monitor: {len(LEAKS) + CLEAN_COUNT} tests checked, 3 sessions and "
+        "2 Core connections left unclosed (1 more in tests marked session_monitor_allow_leaks)"
+    ) in output.splitlines()
+
+
+def test_a_clean_run_says_it_checked(pytester: pytest.Pytester) -> None:
+    """Without a line of its own a clean run would look the same with the plugin off."""
+    pytester.makeconftest(ENGINE_CONFTEST)
+    pytester.makepyfile(test_clean=CLEAN_TESTS.replace("HELD.append(engine.connect())\n", "pass\n"))
+
+    result = pytester.runpytest_subprocess("--session-monitor", "-p", "no:cacheprovider", "-q")
+
+    result.assert_outcomes(passed=CLEAN_COUNT)
+    result.stdout.fnmatch_lines(
+        [
+            f"session_monitor: {CLEAN_COUNT} tests checked, 0 sessions and 0 Core connections "
+            "left unclosed",
+            "* passed in *",
+        ]
+    )
 
 
 IDLE_CHECK = """

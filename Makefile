@@ -1,7 +1,10 @@
-# Two commands on a fresh machine:
-#   make run    the example app on SQLite, monitoring live at http://127.0.0.1:8000/metrics
-#   make test   every check: ruff, mypy, the test suite on the newest versions of everything, and
-#               again on the oldest versions pyproject.toml allows (constraints/*.txt)
+# On a fresh machine:
+#   make run       the example app on SQLite, monitoring live at http://127.0.0.1:8000/metrics
+#   make test      ruff, mypy, and the library's tests (all but those marked slow) on the newest
+#                  versions of everything and again on the oldest pyproject.toml allows
+#                  (constraints/*.txt): about 4 minutes on 2 cores
+#   make test-all  what CI runs: every test on both ends, the slow ones too, and the docs built
+#                  strict (README.md, docs/development.md)
 PYTHON ?= python3
 # The oldest end runs on the oldest Python pyproject.toml declares, where the machine has it
 # (pyenv's 3.10 here); elsewhere on $(PYTHON), with a line that says so.
@@ -10,7 +13,7 @@ PYTHON_OLDEST ?= $(or $(shell for p in python3.10 $$(pyenv root 2>/dev/null)/ver
 VENV ?= .venv
 OLDEST ?= .venv-oldest
 
-.PHONY: run load test lint bench wheel-smoke
+.PHONY: run load test test-all lint docs bench wheel-smoke
 
 # The newest end: FastAPI, Starlette, SQLAlchemy 2.1, SQLModel, the drivers, OpenTelemetry.
 $(VENV)/.installed: pyproject.toml constraints/newest.txt
@@ -40,14 +43,28 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# The whole suite on the newest end (about 9 minutes on 2 cores, most of them SQLAlchemy's own
-# suite), then again on the oldest (about 3), less three things: SQLAlchemy's own suite (minutes
-# more, on the same bed), test_dashboard_otel_forms.py (OpenTelemetry's Prometheus exporter needs
-# an SDK far above the floor) and the browser test (selenium is a dev tool; the page is the same).
+# Modules the oldest end cannot even import: their dev-only dependencies are not installed there.
+NOT_ON_OLDEST = --ignore=tests/test_dashboard_otel_forms.py --ignore=tests/test_diagnostics_browser.py
+
+# Both ends, less the tests marked slow: SQLAlchemy's own suite and FastAPI's tutorials, each run
+# bare and monitored (tests/upstream/, tests/fastapi_tutorials/), the benchmarks' quick run, the
+# end-to-end tests against a real Prometheus, and the headless-browser test.
 test: lint $(OLDEST)/.installed
+	$(VENV)/bin/pytest -m "not slow"
+	$(OLDEST)/bin/pytest -m "not slow" $(NOT_ON_OLDEST)
+
+# Everything: the whole suite on the newest end, then on the oldest less three things:
+# SQLAlchemy's own suite (minutes more, on the same bed), test_dashboard_otel_forms.py
+# (OpenTelemetry's Prometheus exporter needs an SDK far above the floor) and the browser test
+# (selenium is a dev tool; the page is the same).
+test-all: lint docs $(OLDEST)/.installed
 	$(VENV)/bin/pytest
-	$(OLDEST)/bin/pytest -m "not upstream" --ignore=tests/test_dashboard_otel_forms.py \
-		--ignore=tests/test_diagnostics_browser.py
+	$(OLDEST)/bin/pytest -m "not upstream" $(NOT_ON_OLDEST)
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or anchor, or a
+# page missing from the nav, fails it.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # The built wheel alone in a new venv, used from outside the checkout (.ci/wheel_smoke.sh).
 wheel-smoke: $(VENV)/.installed

@@ -93,6 +93,10 @@ with zipfile.ZipFile(wheel) as whl:
     for need in [*CODE, *ASSETS, f"{dist_info}/licenses/LICENSE"]:
         if need not in names:
             problems.append(f"wheel lacks {need}")
+    # The example app and the benchmarks live in the checkout; installed, they would be
+    # top-level packages named example_app and benchmarks in every user's site-packages.
+    for extra in sorted({n.split("/")[0] for n in names} - {"session_monitor", dist_info}):
+        problems.append(f"wheel installs {extra}/, which is not the library")
     for packaged, canonical in ASSETS.items():
         if packaged in names and whl.read(packaged) != (repo / canonical).read_bytes():
             problems.append(f"wheel's {packaged} differs from {canonical}: copy it again")

@@ -6,7 +6,7 @@ services, so that session_monitor's metrics can be watched reacting to it:
 | endpoint                    | what goes wrong                                  | response |
 | --------------------------- | ------------------------------------------------ | -------- |
 | `GET /demo/leak`            | a session is never closed and keeps a connection | 200      |
-| `GET /demo/leak/release`    | closes every session `/demo/leak` kept           | 200      |
+| `POST /demo/leak/release`   | closes every session `/demo/leak` kept           | 200      |
 | `GET /demo/leak-on-error`   | a dependency without try/finally skips `close()` | 500      |
 | `GET /demo/gc-leak`         | a session is dropped unclosed; GC reclaims it    | 200      |
 | `GET /demo/slow?seconds=`   | a connection is held across a slow call          | 200      |
@@ -89,7 +89,8 @@ def leak(
     return {"leaked_sessions": leaked.add(db)}
 
 
-@router.get("/leak/release")
+# POST: it changes state (closes sessions), so no crawler, prefetch or retry may send it.
+@router.post("/leak/release")
 def release_leaks(
     leaked: Annotated[LeakedSessions, Depends(_leaked_sessions)],
 ) -> dict[str, int]:

@@ -352,7 +352,7 @@ class _Run:
     async def release_leaks(self) -> None:
         # Outside the budget: it undoes what /demo/leak did rather than being traffic of its own.
         self.outstanding_leaks = 0
-        await self.send(_Request("GET /demo/leak/release", "GET", "/demo/leak/release"))
+        await self.send(_Request("POST /demo/leak/release", "POST", "/demo/leak/release"))
 
     async def hold_burst(self) -> None:
         size = self.take(self.burst_size)

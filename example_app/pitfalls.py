@@ -1,6 +1,6 @@
 """`/demo/pitfall`: the tutorials' pitfalls, committed on purpose, one endpoint each.
 
-| endpoint                          | the pitfall (README, Pitfalls)                    |
+| endpoint                          | the pitfall (docs/pitfalls.md)                   |
 | --------------------------------- | ------------------------------------------------- |
 | `GET /demo/pitfall/shared`        | `shared_session`: one session for every request    |
 | `GET /demo/pitfall/blocking`      | `blocking_event_loop`: sync session in `async def` |

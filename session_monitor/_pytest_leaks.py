@@ -13,6 +13,7 @@ import gc
 import os
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Callable, Generator
 from contextvars import ContextVar
 from pathlib import Path
@@ -240,6 +241,11 @@ class LeakGuard:
         # test merely used first (its first query opens it) is still the fixture's.
         self._wide_fixtures: dict[pytest.FixtureDef[Any], Owner] = {}
         self._teardown: Owner | None = None
+        # For the run's summary line: a clean run says nothing else, and would look the same
+        # as a run without the plugin.
+        self._tests_checked = 0
+        self._unclosed: Counter[str] = Counter()  # by kind, in the tests failed for them
+        self._allowed = 0  # in tests marked ALLOW_LEAKS
         # The monitor's registry is the plugin's own and nobody scrapes it: a failure of ours
         # in the wrapper is logged once, like the monitor's.
         self._unwatch_threads = watch_thread_starts(
@@ -318,9 +324,16 @@ class LeakGuard:
                 gc.collect()  # a dropped Session sits in reference cycles until a collection
             self._hand_over_fixture_sessions()
             leaks = self.ledger.leaks_of(item.nodeid)
-        if leaks and item.get_closest_marker(ALLOW_LEAKS) is None:
+            self._tests_checked += 1
+        if leaks and item.get_closest_marker(ALLOW_LEAKS) is not None:
+            self._allowed += len(leaks)
+        elif leaks:
+            self._unclosed.update(leak.session.kind for leak in leaks)
             pytest.fail(self._describe(leaks), pytrace=False)
         return result
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        terminalreporter.write_line(self._summary())
 
     def _hand_over_fixture_sessions(self) -> None:
         for fixturedef, owner in list(self._wide_fixtures.items()):
@@ -335,6 +348,16 @@ class LeakGuard:
                     self.ledger.hand_over(view, owner)
 
     # -- the report ---------------------------------------------------------------------------
+
+    def _summary(self) -> str:
+        line = (
+            f"session_monitor: {_count(self._tests_checked, 'test')} checked, "
+            f"{_count(self._unclosed['session'], 'session')} and "
+            f"{_count(self._unclosed['connection'], 'Core connection')} left unclosed"
+        )
+        if self._allowed:
+            line += f" ({self._allowed} more in tests marked {ALLOW_LEAKS})"
+        return line
 
     def _describe(self, leaks: list[Leak]) -> str:
         count = f"{len(leaks)} database session" + ("s" if len(leaks) > 1 else "")
@@ -374,3 +397,7 @@ class LeakGuard:
             return str(Path(file).relative_to(self._root))
         except ValueError:
             return file
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")

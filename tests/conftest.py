@@ -48,7 +48,7 @@ def postgres_url() -> str:
     if not url:
         pytest.skip(
             f"{POSTGRES_ENV} is not set: no PostgreSQL server configured "
-            "(for example postgresql+psycopg://postgres@127.0.0.1:5432/test)"
+            "(for example postgresql+psycopg://postgres@127.0.0.1:5432/<database>)"
         )
     return url
 

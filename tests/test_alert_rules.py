@@ -70,6 +70,7 @@ def test_promtool_check_rules() -> None:
     assert "SUCCESS" in output
 
 
+@pytest.mark.slow  # promtool's own test run: about 12 s on 2 cores
 def test_promtool_unit_tests_pass() -> None:
     assert RULE_TEST_FILES, "no rule test file in prometheus/tests/"
     output = run_promtool("test", "rules", *RULE_TEST_FILES)

@@ -18,6 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The quick run alone takes a minute and a half on 2 cores.
+pytestmark = pytest.mark.slow
+
 NUMBER = r"-?\d+(?:\.\d+)?"
 RATIO = re.compile(rf"^({NUMBER}) \(({NUMBER})-({NUMBER})\)( A/A)?$")
 DELTA = re.compile(rf"^[+-]{NUMBER}$")

@@ -86,7 +86,7 @@ STARTUP_TIMEOUT = 30.0
 ANSWER_TIMEOUT = 30.0
 TICK = 0.1
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def serve(registry: CollectorRegistry) -> tuple[int, Callable[[], None]]:

@@ -62,7 +62,7 @@ LEAKING_RESPONSES = (
     ("GET /demo/gc-leak", 200),
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture

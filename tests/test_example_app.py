@@ -142,7 +142,8 @@ async def test_leak_counts_one_leak_per_call_until_released(
     assert sample(registry, "sqlalchemy_sessions_active", "/demo/leak") == 3
     assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 3
 
-    assert (await client.get("/demo/leak/release")).json() == {"released": 3}
+    assert (await client.get("/demo/leak/release")).status_code == 405  # it changes state
+    assert (await client.post("/demo/leak/release")).json() == {"released": 3}
     assert sample(registry, "sqlalchemy_sessions_active", "/demo/leak") == 0
     assert sample(registry, "sqlalchemy_sessions_closed_total", "/demo/leak") == 3
     assert pool_sample(registry, "db_client_connection_count", db_client_connection_state="used") == 0
@@ -272,7 +273,7 @@ async def test_loadgen_summary_matches_the_server(
     summary = await run_load(server_url, requests=120, concurrency=4, seed=7)
 
     statuses = summary.statuses()
-    releases = summary.endpoints.get("GET /demo/leak/release")
+    releases = summary.endpoints.get("POST /demo/leak/release")
     assert summary.requests_sent == sum(statuses.values())
     assert summary.requests_sent - (releases.requests if releases else 0) == 120
     assert NO_RESPONSE not in statuses

@@ -19,7 +19,7 @@ from conftest import run_bed
 # About 10 s on 2 cores; the limit is for a hung run only.
 TIMEOUT = 600
 
-pytestmark = pytest.mark.tutorials
+pytestmark = [pytest.mark.tutorials, pytest.mark.slow]
 
 
 def test_fastapi_tutorials_same_with_the_monitor(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ After os.fork() only the thread that forked goes on in the child. Each test fork
 the child reports over a pipe; a child that hangs is killed after `CHILD_TIMEOUT` and the test
 fails, so a lock left held by a thread of the parent fails here instead of hanging the suite.
 
-What a child reports (README, "A forked child"): every count starts from zero at the fork, as in
+What a child reports (docs/counting.md, "A forked child"): every count starts from zero at the fork, as in
 a new process and as prometheus_client's multiprocess mode has it; the parent's open sessions,
 checked-out connections and waiting callers are the parent's: never closed, leaked nor returned
 in the child. Idle connections and bounds are read from the live pools, as always.

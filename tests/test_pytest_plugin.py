@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import POSTGRES_ENV
+from sqlalchemy.engine import make_url
+
+from session_monitor.naming import pool_name_for
 
 pytest_plugins = ["pytester"]
 
@@ -256,6 +259,27 @@ def test_fails_only_the_leaking_tests(pytester: pytest.Pytester) -> None:
     assert "@pytest.mark.session_monitor_allow_leaks" in fixture_leak
     teardown_leak = sections["test_leak_in_fixture_teardown"]
     assert "in the teardown of fixture 'cleanup_that_forgets'" in teardown_leak
+    # test_opted_out's connection is allowed by its marker, and counted apart.
+    assert (
+        f"session_monitor: {len(LEAKS) + CLEAN_COUNT} tests checked, 3 sessions and "
+        "2 Core connections left unclosed (1 more in tests marked session_monitor_allow_leaks)"
+    ) in output.splitlines()
+
+
+def test_a_clean_run_says_it_checked(pytester: pytest.Pytester) -> None:
+    """Without a line of its own a clean run would look the same with the plugin off."""
+    pytester.makeconftest(ENGINE_CONFTEST)
+    pytester.makepyfile(test_clean=CLEAN_TESTS.replace("HELD.append(engine.connect())\n", "pass\n"))
+
+    result = pytester.runpytest_subprocess("--session-monitor", "-p", "no:cacheprovider", "-q")
+
+    result.assert_outcomes(passed=CLEAN_COUNT)
+    result.stdout.fnmatch_lines(
+        [
+            f"session_monitor: {CLEAN_COUNT} tests checked, 0 sessions and 0 Core connections "
+            "left unclosed"
+        ]
+    )
 
 
 IDLE_CHECK = """
@@ -407,7 +431,7 @@ def test_postgres_outer_connection_and_a_leak(
     assert erroring_tests(result.stdout.str()) == {"test_pg.py::test_connection_left_open"}
     result.stdout.fnmatch_lines(
         [
-            "*Core connection on pool '127.0.0.1:5432/test' is still open*",
+            f"*Core connection on pool {pool_name_for(make_url(postgres_url))!r} is still open*",
             f"*opened at test_pg.py:{opening_line(path, 'pg_connection')} in "
             "test_connection_left_open, in the test, by test_pg.py::test_connection_left_open",
         ]

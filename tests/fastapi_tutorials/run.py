@@ -166,7 +166,7 @@ def _same_route(ours: str | None, fastapi: str | None) -> bool:
 
 def _slash_redirect(ours: str | None, request: dict[str, Any]) -> bool:
     """The router's answer to `/items` for a route `/items/`: FastAPI labels it with the route
-    it redirects to, whose code never ran; session_monitor says `<unmatched>` (README)."""
+    it redirects to, whose code never ran; session_monitor says `<unmatched>` (docs/metrics.md)."""
     return ours == UNMATCHED and request["status"] == 307 and request["route"] is not None
 
 

@@ -42,7 +42,6 @@ from tests.sdist_suite.runs import (
 
 CACHE = ROOT / ".cache" / "upstream"
 POSTGRES_ENV = "SESSION_MONITOR_TEST_POSTGRES_URL"
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 # What the monitor hooks: pools and checkouts, Connection transactions, Session open/close and
 # transactions, the asyncio facades over all of them; then what also goes through those paths
@@ -92,7 +91,13 @@ def dburis_for(db: str, explicit: list[str] | None) -> list[str]:
         )
     from sqlalchemy import make_url
 
-    url = make_url(os.environ.get(POSTGRES_ENV) or DEFAULT_POSTGRES_URL)
+    configured = os.environ.get(POSTGRES_ENV)
+    if not configured:
+        raise SystemExit(
+            f"--db postgresql: set {POSTGRES_ENV} to the server and database SQLAlchemy's tests "
+            "may use (postgresql+psycopg://user@host:port/<database>), or give --dburi"
+        )
+    url = make_url(configured)
     uris = [url.render_as_string(hide_password=False)]
     async_driver = "asyncpg" if have("asyncpg") else "psycopg_async" if have("psycopg") else None
     if async_driver is not None:
@@ -158,7 +163,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         metavar="URI",
         help="instead of --db's URIs (repeatable); postgresql: "
-        f"${POSTGRES_ENV} or {DEFAULT_POSTGRES_URL}, plus its asyncpg twin",
+        f"${POSTGRES_ENV}, plus its asyncpg twin",
     )
     mode = parser.add_mutually_exclusive_group()
     for flag, const, text in (

@@ -616,3 +616,30 @@ def test_the_page_and_holders_share_one_reading_per_interval(
         engine.dispose()
     assert first == again  # one read served both, and holders() between them
     assert later[0] > first[0]
+
+
+def test_an_over_subscribed_pool_is_said_at_startup_and_its_limit_is_a_gauge(
+    postgres_url: str,
+    registry: CollectorRegistry,
+    make_monitor: Callable[..., SessionMonitor],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    role = f"sm_role_{uuid.uuid4().hex[:8]}"
+    with _admin(postgres_url) as admin:
+        admin.execute(f"create role {role} login connection limit 3")
+    engine = create_engine(make_url(postgres_url).set(username=role, password=None))
+    try:
+        with caplog.at_level(logging.INFO, logger="session_monitor"):
+            make_monitor(engine, registry=registry)
+            with engine.connect() as connection:  # the pool's first connection: the check
+                connection.execute(text("select 1"))
+                wait_until(lambda: any("over-subscribed" in r.getMessage() for r in caplog.records))
+    finally:
+        engine.dispose()
+        with _admin(postgres_url) as admin:
+            admin.execute(f"drop role if exists {role}")
+    (record,) = [r for r in caplog.records if "over-subscribed" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "1 worker x (5 + 10) = 15 connections may be opened; the server allows 3 (" in record.getMessage()
+    assert "the role's limit 3)" in record.getMessage()
+    assert total(registry, "session_monitor_server_connections_allowed") == 3

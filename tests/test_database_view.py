@@ -643,3 +643,49 @@ def test_an_over_subscribed_pool_is_said_at_startup_and_its_limit_is_a_gauge(
     assert "1 worker x (5 + 10) = 15 connections may be opened; the server allows 3 (" in record.getMessage()
     assert "the role's limit 3)" in record.getMessage()
     assert total(registry, "session_monitor_server_connections_allowed") == 3
+
+
+def test_tagged_processes_of_a_service_count_as_its_workers(
+    postgres_url: str, registry: CollectorRegistry, make_monitor: Callable[..., SessionMonitor]
+) -> None:
+    import subprocess
+    import sys
+
+    service = f"svc{uuid.uuid4().hex[:6]}"
+    # Another process of the same service, holding a connection: a second worker.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from sqlalchemy import create_engine, text\n"
+            "from prometheus_client import CollectorRegistry\n"
+            "from session_monitor import SessionMonitor\n"
+            "engine = create_engine(sys.argv[1])\n"
+            "SessionMonitor(engine, registry=CollectorRegistry(), application_name=sys.argv[2])\n"
+            "with engine.connect() as c:\n"
+            "    c.execute(text('select 1')); print('ready', flush=True); time.sleep(60)\n",
+            postgres_url,
+            service,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    engine = create_engine(postgres_url)
+    monitor = make_monitor(
+        engine, registry=registry, application_name=service, server_view_interval=0.01
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+            time.sleep(0.05)  # older than server_view_interval: the report reads again
+            (pool,) = monitor.database_report()
+    finally:
+        child.kill()
+        child.wait()
+        engine.dispose()
+    assert pool["sizing"].startswith(
+        "2 workers (processes of this service connected to the server); pool_size 5 + "
+        "max_overflow 10; 30 may be opened"
+    )

@@ -129,12 +129,14 @@ class DatabaseView:
         return reading
 
     def recent(self, state: PoolState, pids: set[int]) -> ServerReading:
-        """A reading at most `interval` old that was asked about every PID in `pids`."""
+        """A reading at most `interval` old that was asked about every PID in `pids` and every
+        backend the pools know now."""
+        wanted = self._known(state) | pids
         with self._lock:
             kept = self._cache.get(state.name)
-        if kept is not None and time.time() - kept.at < self.interval and pids <= kept.asked:
+        if kept is not None and time.time() - kept.at < self.interval and wanted <= kept.asked:
             return kept
-        reading = self.read(state, self._known(state) | pids, with_limits=True)
+        reading = self.read(state, wanted, with_limits=True)
         with self._lock:
             self._cache[state.name] = reading
         return reading

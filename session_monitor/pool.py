@@ -394,6 +394,10 @@ class PoolTracker(ConnectionLifecycle, Waiting):
 
     def _detach_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
         key = id(record)
+        state = entry.state
+        if state.backends:
+            with state.lock:
+                state.backends.pop(key, None)  # its backend is no longer the pool's
         watched = entry.holding(key) or entry.current
         if watched is not None:
             self._taken_back(watched, key, back_to_idle=False)

@@ -426,6 +426,8 @@ def test_connections_the_pool_lost_are_listed(
         detached = engine.connect()
         detached_pid = detached.exec_driver_sql("select pg_backend_pid()").scalar_one()
         detached.detach()  # the pool forgets it; its backend stays
+        (pool,) = monitor.database_report()
+        assert any(f"backend {detached_pid}: opened by this process" in line for line in pool["lost"])
         raw = engine.raw_connection()
         cursor = raw.cursor()
         cursor.execute("select pg_backend_pid()")

@@ -2,9 +2,9 @@
 #   make run       the example app on SQLite, monitoring live at http://127.0.0.1:8000/metrics
 #   make test      ruff, mypy, and the library's tests (all but those marked slow) on the newest
 #                  versions of everything and again on the oldest pyproject.toml allows
-#                  (constraints/*.txt): about 4 minutes on 2 cores
+#                  (constraints/*.txt): about 3 minutes on 2 cores
 #   make test-all  what CI runs: every test on both ends, the slow ones too, and the docs built
-#                  strict (README.md, docs/development.md)
+#                  strict: about 16 minutes (docs/development.md)
 PYTHON ?= python3
 # The oldest end runs on the oldest Python pyproject.toml declares, where the machine has it
 # (pyenv's 3.10 here); elsewhere on $(PYTHON), with a line that says so.

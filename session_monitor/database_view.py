@@ -249,6 +249,13 @@ class DatabaseView:
         with state.lock:
             stats = state.stats.copy()
             peak = max(state.peak_ever, stats.peak_used, state.used)
+            held = [c for watched in state.pools.values() for c in watched.checked_out.values()]
+        # Connections out now count towards the demand for as long as they have been out.
+        now = time.perf_counter()
+        holding = sum(now - checkout.checked_out_at for checkout in held)
+        leaked = sum(
+            1 for c in held if c.request is not None and c.request.asgi_scope is None
+        )
         return PoolFacts(
             pool_name=state.name,
             pool_size=size,
@@ -259,10 +266,11 @@ class DatabaseView:
             peak=peak,
             checkouts=stats.wait.count,
             elapsed=time.monotonic() - state.since,
-            hold_seconds=stats.use.sum,
+            hold_seconds=stats.use.sum + holding,
             wait=stats.wait,
             timeouts=stats.timeouts,
             overflow_closed=stats.closed.get("overflow", 0),
+            leaked_holding=leaked,
         )
 
     # -- at startup -----------------------------------------------------------------------------

@@ -227,12 +227,13 @@ def summarize(holders: list[HolderView], limit: int = 3) -> list[str]:
         request = "outside any request" if route == "<none>" else f"{method} {route}"
         activity = Counter(view.activity for view in members).most_common(1)[0][0]
         if activity == "leaked":
-            now = "nobody: its request ended"
+            now = "held by nobody: leaked, its request ended"
         else:
-            now = format_location(oldest.now_at[0]) if oldest.now_at else "<unknown>"
+            where = format_location(oldest.now_at[0]) if oldest.now_at else "<unknown>"
+            now = f"now at {where} ({activity})"
         lines.append(
             f"{len(members)} of {len(holders)} held by {request}, opened at "
-            f"{format_location(opened)}, oldest {oldest.held_for:.1f}s, now at {now} ({activity})"
+            f"{format_location(opened)}, oldest {oldest.held_for:.1f}s, {now}"
         )
     if len(ranked) > limit:
         rest = sum(len(members) for _, members in ranked[limit:])

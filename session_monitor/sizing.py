@@ -43,6 +43,7 @@ class PoolFacts(NamedTuple):
     wait: Histogram
     timeouts: int
     overflow_closed: int
+    leaked_holding: int = 0  # connections in use now by sessions whose request ended
 
     @property
     def capacity(self) -> int | None:
@@ -107,12 +108,22 @@ def advice(facts: PoolFacts) -> list[str]:
                 else f", but the server allows only {spare} per worker: add a pooler"
             )
         waited = "" if p95 is None else f" with p95 wait {_seconds(p95)}"
-        timed_out = f", {facts.timeouts} checkouts timed out" if facts.timeouts else ""
+        timed_out = (
+            f", {facts.timeouts} checkout{'s' if facts.timeouts != 1 else ''} timed out"
+            if facts.timeouts
+            else ""
+        )
+        leaked = facts.leaked_holding
         verdicts.append(
             f"too small: peak use {facts.peak} of {capacity if capacity is not None else '?'}"
             f"{waited}{timed_out}; demand by Little's law {facts.demand:.1f} connections: "
-            f"raise pool_size and max_overflow to about {wanted} in all{room}, or hold "
-            "connections for less time (see the holders)"
+            + (
+                f"but {leaked} of the connections in use {'is' if leaked == 1 else 'are'} held "
+                "by leaked sessions: fix the leaks first (the Leaks row, the holders)"
+                if leaked
+                else f"raise pool_size and max_overflow to about {wanted} in all{room}, or hold "
+                "connections for less time (see the holders)"
+            )
         )
     if (
         facts.pool_size is not None

@@ -75,6 +75,15 @@ def test_a_full_pool_whose_callers_queue_is_too_small_even_without_timeouts() ->
     assert advice(facts(peak=15, wait=waits(*[0.0002] * 99, 0.4))) == []  # p95 is fast
 
 
+def test_a_pool_full_of_leaked_sessions_is_told_to_fix_the_leaks_not_to_grow() -> None:
+    (verdict,) = advice(facts(peak=15, timeouts=1, leaked_holding=12))
+    assert verdict.startswith("too small: peak use 15 of 15 with p95 wait 0.0005 s, 1 checkout timed out;")
+    assert verdict.endswith(
+        "but 12 of the connections in use are held by leaked sessions: fix the leaks first "
+        "(the Leaks row, the holders)"
+    )
+
+
 def test_too_small_with_no_room_at_the_server_says_pooler() -> None:
     (over, small) = advice(facts(workers=8, peak=15, timeouts=1))
     assert over.startswith("over-subscribed")

@@ -116,13 +116,13 @@ def advice(facts: PoolFacts) -> list[str]:
         leaked = facts.leaked_holding
         verdicts.append(
             f"too small: peak use {facts.peak} of {capacity if capacity is not None else '?'}"
-            f"{waited}{timed_out}; demand by Little's law {facts.demand:.1f} connections: "
+            f"{waited}{timed_out}; demand by Little's law {facts.demand:.1f} connections"
             + (
-                f"but {leaked} of the connections in use {'is' if leaked == 1 else 'are'} held "
+                f"; {leaked} of the connections in use {'is' if leaked == 1 else 'are'} held "
                 "by leaked sessions: fix the leaks first (the Leaks row, the holders)"
                 if leaked
-                else f"raise pool_size and max_overflow to about {wanted} in all{room}, or hold "
-                "connections for less time (see the holders)"
+                else f": raise pool_size and max_overflow to about {wanted} in all{room}, or "
+                "hold connections for less time (see the holders)"
             )
         )
     if (

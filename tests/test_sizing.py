@@ -79,7 +79,7 @@ def test_a_pool_full_of_leaked_sessions_is_told_to_fix_the_leaks_not_to_grow() -
     (verdict,) = advice(facts(peak=15, timeouts=1, leaked_holding=12))
     assert verdict.startswith("too small: peak use 15 of 15 with p95 wait 0.0005 s, 1 checkout timed out;")
     assert verdict.endswith(
-        "but 12 of the connections in use are held by leaked sessions: fix the leaks first "
+        "2.0 connections; 12 of the connections in use are held by leaked sessions: fix the leaks first "
         "(the Leaks row, the holders)"
     )
 

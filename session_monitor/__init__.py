@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import ConfigurationError, MonitorConfig
-    from .holders import HolderView, PoolEvent, PoolUsage
-    from .middleware import SessionMonitorMiddleware
+    from .findings.holders import HolderView, PoolEvent, PoolUsage
     from .monitor import SessionMonitor
-    from .naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
-    from .observer import Observer
-    from .records import CheckoutView, SessionView
+    from .state.naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
+    from .state.observer import Observer
+    from .state.records import CheckoutView, SessionView
+    from .web.middleware import SessionMonitorMiddleware
 
 __version__ = "0.1.0"
 
@@ -32,17 +32,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConfigurationError": "config",
     "MonitorConfig": "config",
-    "HolderView": "holders",
-    "PoolEvent": "holders",
-    "PoolUsage": "holders",
-    "SessionMonitorMiddleware": "middleware",
+    "HolderView": "findings.holders",
+    "PoolEvent": "findings.holders",
+    "PoolUsage": "findings.holders",
+    "SessionMonitorMiddleware": "web.middleware",
     "SessionMonitor": "monitor",
-    "NO_REQUEST": "naming",
-    "UNMATCHED_ROUTE": "naming",
-    "pool_name_for": "naming",
-    "Observer": "observer",
-    "CheckoutView": "records",
-    "SessionView": "records",
+    "NO_REQUEST": "state.naming",
+    "UNMATCHED_ROUTE": "state.naming",
+    "pool_name_for": "state.naming",
+    "Observer": "state.observer",
+    "CheckoutView": "state.records",
+    "SessionView": "state.records",
 }
 
 

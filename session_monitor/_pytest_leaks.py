@@ -23,12 +23,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, scoped_session
 
-from ._listeners import Guard
-from .forking import new_lock
+from .hooks.forking import new_lock
+from .hooks.guard import Guard
+from .hooks.stacks import Location
 from .monitor import SessionMonitor
 from .pytest_plugin import ALLOW_LEAKS
-from .records import CheckoutView, SessionView
-from .stacks import Location
+from .state.records import CheckoutView, SessionView
 
 # `python -m pytest` starts in the pytest package, which stacks.py does not count as a library.
 _PYTEST_DIR = os.path.dirname(pytest.__file__) + os.sep

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from . import _hooks
-from ._listeners import Guard
 from .config import (
     ConfigurationError,
     MonitorConfig,
@@ -27,30 +25,32 @@ from .config import (
     package_names,
     sync_engines_of,
 )
-from .context import RequestScope
-from .database_view import DatabaseView
-from .diagnostics import DiagnosticsApp, worker_answer
-from .forking import Stage, in_child, new_lock
-from .holders import HolderView, PoolEvent, PoolUsage, holder_views
-from .idle import IdleInTransactionSampler
-from .leaks import AgeWatcher
-from .metrics import PrometheusCollector, register_all
-from .middleware import insert_middleware, remove_middleware
-from .multiprocess import metrics_app
-from .observer import Fanout, Observer
-from .pitfalls import Pitfall
-from .pool import PoolTracker
-from .records import SessionView
-from .sessions import SessionTracker
-from .stacks import add_library_packages
-from .workers import WorkerSocket
+from .exporters.metrics import PrometheusCollector, register_all
+from .exporters.multiprocess import metrics_app
+from .findings.database_view import DatabaseView
+from .findings.holders import HolderView, PoolEvent, PoolUsage, holder_views
+from .findings.idle import IdleInTransactionSampler
+from .findings.leaks import AgeWatcher
+from .findings.pitfalls import Pitfall
+from .hooks import wrappers
+from .hooks.forking import Stage, in_child, new_lock
+from .hooks.guard import Guard
+from .hooks.stacks import add_library_packages
+from .state.context import RequestScope
+from .state.observer import Fanout, Observer
+from .state.pool import PoolTracker
+from .state.records import SessionView
+from .state.sessions import SessionTracker
+from .web.diagnostics import DiagnosticsApp, worker_answer
+from .web.middleware import insert_middleware, remove_middleware
+from .web.workers import WorkerSocket
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Session
 
-    from .records import SessionView
-    from .tracing import OpenTelemetryObserver
+    from .exporters.tracing import OpenTelemetryObserver
+    from .state.records import SessionView
 
     EngineLike = Engine | AsyncEngine
 
@@ -148,7 +148,7 @@ class SessionMonitor:
             opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
         ):
             try:
-                from .tracing import OpenTelemetryObserver
+                from .exporters.tracing import OpenTelemetryObserver
             except ImportError as error:
                 raise ConfigurationError(
                     f"OpenTelemetry support needs the 'otel' extra ({error}): "
@@ -161,7 +161,7 @@ class SessionMonitor:
         multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if multiprocess:
             # Workers' values must go through prometheus_client's files to be added up.
-            from .multiprocess import PrometheusMetrics
+            from .exporters.multiprocess import PrometheusMetrics
 
             push_metrics = PrometheusMetrics(registry=None)
             all_observers.insert(0, push_metrics)
@@ -271,7 +271,7 @@ class SessionMonitor:
                 self._guard.failed,
             )
             self._idle_sampler.start()
-        for purpose, method in _hooks.missing():
+        for purpose, method in wrappers.missing():
             # A SQLAlchemy release without one of the private methods we wrap: that piece is
             # off, everything else works.
             self._guard.count_once(
@@ -279,8 +279,8 @@ class SessionMonitor:
                 f"session_monitor cannot see {purpose}: this SQLAlchemy has no {method}. "
                 "Everything else is monitored; please report it with your SQLAlchemy version.",
             )
-        _hooks.subscribe(
-            _hooks.Subscriber(
+        wrappers.subscribe(
+            wrappers.Subscriber(
                 owner=self,
                 stack_depth=self._pools._stack_depth,
                 acquire_started=self._pools.acquire_started,
@@ -319,7 +319,7 @@ class SessionMonitor:
         if not self.instrumented:
             return
         self.instrumented = False  # a middleware already built now passes requests through
-        _hooks.unsubscribe(self)
+        wrappers.unsubscribe(self)
         self._pools.stop_following()  # listeners stay, switched off: see its docstring
         self._sessions.stop_following()
         if self._age_watcher is not None:

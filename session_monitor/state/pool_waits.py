@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._hooks import acquiring_session
-from .stacks import application_location, format_location
+from ..hooks.stacks import application_location, format_location
+from ..hooks.wrappers import acquiring_session
 
 if TYPE_CHECKING:
-    from ._listeners import Guard
+    from ..findings.holders import ExhaustionReporter
+    from ..hooks.guard import Guard
     from .context import RequestScope
-    from .holders import ExhaustionReporter
     from .observer import Fanout
     from .pool_state import PoolState, WatchedPool
     from .sessions import SessionTracker

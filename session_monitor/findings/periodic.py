@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from .forking import Stage, in_child
+from ..hooks.forking import Stage, in_child
 
 
 class PeriodicScan:

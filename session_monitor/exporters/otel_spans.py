@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Status, StatusCode
 
-from .naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE, WEBSOCKET_METHOD
+from ..state.naming import NO_REQUEST, OTHER_METHOD, UNMATCHED_ROUTE, WEBSOCKET_METHOD
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from sqlalchemy.engine import URL
 
-    from .records import CheckoutView
+    from ..state.records import CheckoutView
 
 AttributeValue = str | bool | int | float
 Attributes = dict[str, AttributeValue]

@@ -28,7 +28,7 @@ from typing import NamedTuple
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool, QueuePool
 
-from .forking import new_rlock
+from ..hooks.forking import new_rlock
 from .records import TrackedCheckout
 from .stats import PoolStats
 

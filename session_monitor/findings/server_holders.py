@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple
 
+from ..hooks.stacks import format_location
 from .holders import HolderView
 from .server_view import Backend, ServerReading
-from .stacks import format_location
 
 # What the server says a holder's connection is doing.
 RUNNING = "running"  # a statement, not waiting on a lock

@@ -19,8 +19,8 @@ from sqlalchemy.engine import Engine
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
 
+    from ..state.records import SessionView
     from .otel_spans import SessionSpan
-    from .records import SessionView
 
 
 class StatementContext:

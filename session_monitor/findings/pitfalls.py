@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from sqlalchemy.engine import Connection
 
-from .naming import NO_REQUEST
-from .stacks import Location, format_location
+from ..hooks.stacks import Location, format_location
+from ..state.naming import NO_REQUEST
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .observer import Fanout
-    from .records import SessionView, TrackedSession
-    from .stats import SessionStats
+    from ..state.observer import Fanout
+    from ..state.records import SessionView, TrackedSession
+    from ..state.stats import SessionStats
 
 logger = logging.getLogger("session_monitor")
 

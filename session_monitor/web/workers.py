@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from .forking import Stage, in_child, new_lock
-from .multiprocess import _alive
+from ..exporters.multiprocess import _alive
+from ..hooks.forking import Stage, in_child, new_lock
 
 SOCKET_DIRECTORY = "session_monitor"
 _SUFFIX = ".sock"

@@ -17,11 +17,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+from ..hooks.stacks import Location, format_location
+from ..state.records import TrackedCheckout
 from .holders import where_now
 from .leaks import describe
 from .periodic import PeriodicScan
-from .records import TrackedCheckout
-from .stacks import Location, format_location
 
 logger = logging.getLogger("session_monitor")
 

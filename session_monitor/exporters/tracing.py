@@ -32,9 +32,10 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import Engine
 
-from . import __version__
-from .forking import Stage, in_child
-from .naming import pool_name_for
+from .. import __version__
+from ..hooks.forking import Stage, in_child
+from ..hooks.stacks import format_stack
+from ..state.naming import pool_name_for
 from .otel_instruments import Instruments
 from .otel_spans import (
     CLOSE_REASON,
@@ -75,16 +76,15 @@ from .otel_spans import (
     request_attributes,
 )
 from .otel_statements import StatementContext
-from .stacks import format_stack
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
     from sqlalchemy.engine import Connection
 
-    from .holders import HolderView
-    from .records import CheckoutView, SessionView
-    from .stacks import Location
+    from ..findings.holders import HolderView
+    from ..hooks.stacks import Location
+    from ..state.records import CheckoutView, SessionView
 
 class OpenTelemetryObserver:
     """Turn the monitor's events into spans and metrics. Built by SessionMonitor, not by hand."""

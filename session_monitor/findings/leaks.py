@@ -19,13 +19,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from ..hooks.stacks import format_location, format_stack
 from .periodic import PeriodicScan
-from .stacks import format_location, format_stack
 
 if TYPE_CHECKING:
-    from .context import RequestScope
-    from .observer import Fanout
-    from .records import SessionView, TrackedCheckout, TrackedSession
+    from ..state.context import RequestScope
+    from ..state.observer import Fanout
+    from ..state.records import SessionView, TrackedCheckout, TrackedSession
 
 logger = logging.getLogger("session_monitor")
 

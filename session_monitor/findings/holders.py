@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .forking import Stage, in_child, new_lock
-from .records import TrackedCheckout
-from .stacks import Location, application_frames, application_stack, format_location
+from ..hooks.forking import Stage, in_child, new_lock
+from ..hooks.stacks import Location, application_frames, application_stack, format_location
+from ..state.records import TrackedCheckout
 
 if TYPE_CHECKING:
     from .server_holders import ServerSide

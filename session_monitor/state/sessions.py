@@ -28,23 +28,23 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from ._listeners import Guard
-from .config import MonitorConfig
+from ..config import MonitorConfig
+from ..findings.idle import idle_message
+from ..findings.leaks import LeakDetector
+from ..findings.pitfalls import PitfallDetector, joining_outer_transaction
+from ..hooks.forking import Stage, in_child, new_rlock
+from ..hooks.guard import Guard
+from ..hooks.stacks import Location, application_location, application_stack
 from .context import RequestScope, current_request
 from .forgotten_commits import ForgottenCommits
-from .forking import Stage, in_child, new_rlock
-from .idle import idle_message
-from .leaks import LeakDetector
 from .naming import NO_REQUEST
 from .observer import Fanout
-from .pitfalls import PitfallDetector, joining_outer_transaction
 from .records import (
     SessionKind,
     SessionView,
     TrackedCheckout,
     TrackedSession,
 )
-from .stacks import Location, application_location, application_stack
 from .stats import SessionStats
 from .transactions import TransactionTracking
 

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
+from ..findings.pitfalls import joins_outer_transaction
+from ..hooks.stacks import application_location
 from .context import current_request
 from .naming import NO_REQUEST
-from .pitfalls import joins_outer_transaction
 from .records import SessionView, next_session_id
-from .stacks import application_location
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from ._listeners import Guard
-    from .pitfalls import PitfallDetector
+    from ..findings.pitfalls import PitfallDetector
+    from ..hooks.guard import Guard
     from .pool_state import EnginePool
     from .records import TrackedSession
     from .stats import SessionStats

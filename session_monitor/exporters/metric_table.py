@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-from .stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
+from ..state.stats import CREATE_BUCKETS, HOLD_BUCKETS, WAIT_BUCKETS
 
 
 class MetricSpec(NamedTuple):

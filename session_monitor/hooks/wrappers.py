@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
-from .forgotten_commits import closing_while_leaving, exception_leaving
+from ..state.forgotten_commits import closing_while_leaving, exception_leaving
 from .forking import new_lock
 from .stacks import Location, application_location, application_stack
 

@@ -20,7 +20,7 @@ from .stats import HOLD_BUCKETS, Histogram
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from ._listeners import Guard
+    from ..hooks.guard import Guard
     from .observer import Fanout
     from .records import TrackedCheckout
 

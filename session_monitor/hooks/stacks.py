@@ -38,6 +38,8 @@ Location = tuple[str, int, str]  # filename, line number, function
 
 _APPLICATION, _LIBRARY, _NEVER = 0, 1, 2  # what a file is; _NEVER: not even a stand-in
 _SITE_DIRECTORY_NAMES = ("site-packages", "dist-packages")
+# session_monitor/, with every layer's folder: none of our frames is the application's.
+_PACKAGE_DIRECTORY = os.path.dirname(os.path.dirname(__file__))
 
 _kinds: dict[str, int] = {}  # file name -> its kind; the only thing the hot path reads
 # For a file seen the first time and for new library_packages; re-entrant because a garbage
@@ -137,7 +139,7 @@ def _current_places() -> _Places:
         return places
     base = _base_paths()
     found = frozenset(name for name in _named if name in sys.modules)
-    never = _prefixes((os.path.dirname(__file__), os.path.dirname(sqlalchemy.__file__ or "")))
+    never = _prefixes((_PACKAGE_DIRECTORY, os.path.dirname(sqlalchemy.__file__ or "")))
     library = _prefixes(_site_directories(sys_path)) + tuple(_named_locations(found))
     stdlib = _prefixes(
         (base["stdlib"], base["platstdlib"], os.path.dirname(getattr(os, "__file__", "")))

@@ -25,12 +25,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
-from .holders import holder_from_dict
-from .stacks import format_location
+from ..findings.holders import holder_from_dict
+from ..hooks.stacks import format_location
 from .workers import FAILED, WorkerAnswer, WorkerSocket, ask_workers
 
 if TYPE_CHECKING:
-    from .monitor import SessionMonitor
+    from ..monitor import SessionMonitor
 
 _T = TypeVar("_T")
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from ..state.stats import Histogram
 from .server_view import ServerLimits
-from .stats import Histogram
 
 SLOW_WAIT = 0.1  # seconds: a p95 wait above this, with the pool full, is callers queueing
 CHURN_MIN = 10  # overflow closes: fewer is a peak, not a pattern

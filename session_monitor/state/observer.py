@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..hooks.stacks import Location
 from .records import CheckoutView, SessionView
-from .stacks import Location
 
 if TYPE_CHECKING:
-    from .holders import HolderView
+    from ..findings.holders import HolderView
 
 
 class Observer(Protocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from .context import (
+from ..state.context import (
     LifespanPhase,
     RequestScope,
     app_path,
@@ -27,7 +27,7 @@ from .context import (
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
 
-    from .monitor import SessionMonitor
+    from ..monitor import SessionMonitor
 
     Scope = MutableMapping[str, Any]
     Message = MutableMapping[str, Any]

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
-from .backends import application_name, process_prefix
-from .forking import Stage, in_child, new_lock
+from ..hooks.forking import Stage, in_child, new_lock
+from ..state.backends import application_name, process_prefix
 from .holders import HolderView, holder_views
 from .server_holders import join, lost_connections, pids_of, summarize
 from .server_view import ServerReading, read_server
 from .sizing import PoolFacts, advice, summary
 
 if TYPE_CHECKING:
-    from ._listeners import Guard
-    from .observer import Fanout
-    from .pool import PoolTracker
-    from .pool_state import PoolState
+    from ..hooks.guard import Guard
+    from ..state.observer import Fanout
+    from ..state.pool import PoolTracker
+    from ..state.pool_state import PoolState
 
 logger = logging.getLogger("session_monitor")
 _WORKER_FILE = re.compile(r"_(\d+)\.db$")

@@ -48,9 +48,9 @@ from .metric_table import (
 )
 
 if TYPE_CHECKING:
-    from .holders import HolderView
-    from .records import CheckoutView, SessionView
-    from .stacks import Location
+    from ..findings.holders import HolderView
+    from ..hooks.stacks import Location
+    from ..state.records import CheckoutView, SessionView
 
 
 class PrometheusMetrics:

@@ -26,12 +26,12 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from ._hooks import Acquisition, acquiring_session, in_greenlet, install_new_groups
-from ._listeners import Guard
+from ..findings.holders import ExhaustionReporter
+from ..hooks.forking import Stage, in_child, new_lock
+from ..hooks.guard import Guard
+from ..hooks.wrappers import Acquisition, acquiring_session, in_greenlet, install_new_groups
 from .backends import ApplicationNameTagger
 from .context import current_request, serving_no_request
-from .forking import Stage, in_child, new_lock
-from .holders import ExhaustionReporter
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_connections import ConnectionLifecycle

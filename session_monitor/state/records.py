@@ -15,7 +15,7 @@ from asyncio import _get_running_loop, current_task
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
-from .stacks import Location
+from ..hooks.stacks import Location
 
 if TYPE_CHECKING:
     from .context import RequestScope

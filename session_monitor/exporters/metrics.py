@@ -26,13 +26,13 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from ..config import ConfigurationError
+from ..state.stats import Histogram as StatsHistogram
 from . import metric_table as table
-from .config import ConfigurationError
-from .stats import Histogram as StatsHistogram
 
 if TYPE_CHECKING:
-    from .pool_state import PoolSnapshot
-    from .stats import SessionStats
+    from ..state.pool_state import PoolSnapshot
+    from ..state.stats import SessionStats
 
 
 # -- the default: families built at scrape time ----------------------------------------------

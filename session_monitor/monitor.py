@@ -28,12 +28,18 @@ from .config import (
 from .exporters.metrics import PrometheusCollector, register_all
 from .exporters.multiprocess import metrics_app
 from .findings.database_view import DatabaseView
-from .findings.holders import HolderView, PoolEvent, PoolUsage, holder_views
+from .findings.holders import (
+    ExhaustionReporter,
+    HolderView,
+    PoolEvent,
+    PoolUsage,
+    holder_views,
+)
 from .findings.idle import IdleInTransactionSampler
-from .findings.leaks import AgeWatcher
-from .findings.pitfalls import Pitfall
+from .findings.leaks import AgeWatcher, LeakDetector
+from .findings.pitfalls import Pitfall, PitfallDetector
 from .hooks import wrappers
-from .hooks.forking import Stage, in_child, new_lock
+from .hooks.forking import Stage, in_child, new_lock, new_rlock
 from .hooks.guard import Guard
 from .hooks.stacks import add_library_packages
 from .state.context import RequestScope
@@ -169,7 +175,14 @@ class SessionMonitor:
         self.observers: tuple[Observer, ...] = tuple(all_observers)
         emit = Fanout(self.observers, self._guard.failed) if self.observers else None
         self._emit = emit
-        self._sessions = SessionTracker(self.config, emit, self._guard)
+        # The findings the trackers hand what they see, sharing the session tracker's lock.
+        lock = new_rlock()
+        self._leaks = LeakDetector(lock, emit, self.config.log_leaks)
+        self._pitfalls = PitfallDetector(lock, emit, self.config.log_leaks)
+        self._sessions = SessionTracker(
+            self.config, emit, self._guard, lock, self._leaks, self._pitfalls
+        )
+        self._exhaustion = ExhaustionReporter(timeout_log_interval)
         self._pools = PoolTracker(
             self._sessions,
             emit,
@@ -177,7 +190,7 @@ class SessionMonitor:
             every_engine=not sync_engines,
             pool_name=pool_name,
             stack_depth=stack_depth if capture_stacks else 0,
-            timeout_log_interval=timeout_log_interval,
+            exhaustion=self._exhaustion,
             application_name=application_name,
         )
         self._database = DatabaseView(
@@ -258,7 +271,7 @@ class SessionMonitor:
             self._age_watcher = AgeWatcher(
                 threshold,
                 self._pools.checkouts,
-                self._sessions.leaks.held_too_long,
+                self._leaks.held_too_long,
                 self._guard.failed,
             )
             self._age_watcher.start()
@@ -269,6 +282,7 @@ class SessionMonitor:
                 self._pools.checkouts,
                 self._sessions.idle_in_transaction,
                 self._guard.failed,
+                log=self.config.log_leaks,
             )
             self._idle_sampler.start()
         for purpose, method in wrappers.missing():
@@ -344,7 +358,7 @@ class SessionMonitor:
 
     def _request_finished(self, request: RequestScope) -> None:
         try:
-            self._sessions.leaks.request_finished(request)
+            self._leaks.request_finished(request)
         except Exception:
             self._guard.failed("request_end")
 
@@ -406,15 +420,15 @@ class SessionMonitor:
 
     def recent_leaks(self) -> list[tuple[float, str, SessionView]]:
         """The last leaks, oldest first: (time.time(), reason, the session)."""
-        return list(self._sessions.leaks.recent)
+        return list(self._leaks.recent)
 
     def recent_pitfalls(self) -> list[Pitfall]:
         """The last pitfalls caught, oldest first (README, Pitfalls)."""
-        return list(self._sessions.pitfalls.recent)
+        return list(self._pitfalls.recent)
 
     def pool_events(self) -> list[PoolEvent]:
         """The last pool timeouts and cancelled waits, newest last, with who held the pool."""
-        return list(self._pools.exhaustion.recent)
+        return list(self._exhaustion.recent)
 
     # -- introspection, for tests and the benchmark --------------------------------------------
 

@@ -33,10 +33,12 @@ class IdleInTransactionSampler(PeriodicScan):
         checkouts: Callable[[], Iterable[TrackedCheckout]],
         report: Callable[[TrackedCheckout, float], None],
         on_error: Callable[[str], None],
+        log: bool,
     ) -> None:
         self.threshold = threshold
         self._checkouts = checkouts
-        self._report = report
+        self._report = report  # the session tracker counts it and tells the observers
+        self._log = log
         # Samples often enough to report within a fifth of the threshold past it.
         super().__init__("idle_sampler", min(max(threshold / 5, 0.02), 1.0), self.sample, on_error)
 
@@ -69,7 +71,10 @@ class IdleInTransactionSampler(PeriodicScan):
                 checkout.away_since = now
             elif now - away_since >= self.threshold:
                 checkout.idle_reported = started
-                self._report(checkout, now - away_since)
+                away = now - away_since
+                if self._log:
+                    logger.warning(idle_message(checkout, away))
+                self._report(checkout, away)
 
 
 def idle_message(checkout: TrackedCheckout, away: float) -> str:

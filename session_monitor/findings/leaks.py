@@ -89,6 +89,11 @@ class LeakDetector:
                 message += "\n" + detail
             logger.warning(message)
 
+    def forked(self) -> None:
+        """In a forked child (the session tracker's `forked`): the parent's leaks are the
+        parent's."""
+        self.recent.clear()
+
     def request_finished(self, request: RequestScope) -> None:
         """Report what the request opened and left holding a connection it acquired."""
         for tracked in request.sessions:

@@ -29,13 +29,10 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, NamedTuple
 
-from sqlalchemy.engine import Connection
-
 from ..hooks.stacks import Location, format_location
 from ..state.naming import NO_REQUEST
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
     from ..state.observer import Fanout
     from ..state.records import SessionView, TrackedSession
@@ -69,32 +66,6 @@ _ADVICE = {
 }
 
 
-def joining_outer_transaction(orm_session: Session, bind: object) -> bool:
-    """Whether the session, about to take `bind`, joins a transaction the Connection's owner
-    began (in a savepoint or as rollback-only) rather than beginning its own. ("control_fully"
-    hands the outer transaction over: the session then owns it.)"""
-    return (
-        isinstance(bind, Connection)
-        and bind.in_transaction()
-        and orm_session.join_transaction_mode != "control_fully"
-    )
-
-
-def joins_outer_transaction(orm_session: Session) -> bool:
-    """The same, of the transaction the session is in now: it took a Connection it does not
-    close, and either may not commit (rollback-only) or holds a savepoint in the Connection's
-    transaction rather than that transaction itself."""
-    root = orm_session.get_transaction()
-    if root is None:
-        return False
-    for connection, transaction, should_commit, closes_connection in root._connections.values():
-        if not closes_connection and (
-            not should_commit or transaction is not connection.get_transaction()
-        ):
-            return True
-    return False
-
-
 class Pitfall(NamedTuple):
     at: float  # time.time()
     kind: str
@@ -114,6 +85,11 @@ class PitfallDetector:
         self._log = log
         self._said: set[tuple[str, Location | None]] = set()
         self.recent: deque[Pitfall] = deque(maxlen=keep)
+
+    def forked(self) -> None:
+        """In a forked child (the session tracker's `forked`): the parent's pitfalls are the
+        parent's."""
+        self.recent.clear()
 
     def found(
         self,

@@ -49,7 +49,6 @@ from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
-from ..state.forgotten_commits import closing_while_leaving, exception_leaving
 from .forking import new_lock
 from .stacks import Location, application_location, application_stack
 
@@ -140,6 +139,38 @@ def in_greenlet() -> bool:
     if sys.modules.get("greenlet") is None:  # never imported, or unimportable
         return False
     return _sqlalchemy_in_greenlet()
+
+
+# The modules whose __exit__ / __aexit__ end a session's `with` / `async with` block.
+_SESSION_MODULES = frozenset({"sqlalchemy.orm.session", "sqlalchemy.ext.asyncio.session"})
+
+# Set by the AsyncSession.close() hook while it closes with an exception on its way out: the
+# sync close runs in a greenlet (under `async with`, in a task of its own too), where
+# sys.exc_info() no longer shows the exception the app's code is leaving with.
+closing_while_leaving: ContextVar[bool] = ContextVar(
+    "session_monitor_closing_while_leaving", default=False
+)
+
+
+def exception_leaving(caller: FrameType | None) -> bool:
+    """Whether an exception is on its way out where the frame `caller` closes a session.
+
+    At the end of a session's `with` or `async with` block, only an exception leaving that block
+    counts (its __exit__'s arguments): one an enclosing `except` block handles around the block
+    is not leaving (the get-or-create's `except NoResultFound:`). A direct close() in a
+    `finally` or `except` block counts whatever is being handled, since Python does not tell
+    the two apart; the rollback after an exception is usually the point there.
+    """
+    if sys.exc_info()[1] is None:  # the common case: nothing raised anywhere up the stack
+        return False
+    if (
+        caller is not None
+        and caller.f_code.co_name in ("__exit__", "__aexit__")
+        and caller.f_globals.get("__name__") in _SESSION_MODULES
+    ):
+        code = caller.f_code  # (self, type_, value, traceback)
+        return caller.f_locals.get(code.co_varnames[2]) is not None
+    return True
 
 
 # -- the wrappers ------------------------------------------------------------------------------

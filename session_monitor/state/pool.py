@@ -7,6 +7,17 @@ objects it reads there: which pool each engine uses now, the pools' bounds and t
 connections (`pool.checkedin()`), so a disposed pool, or one an engine collected took with it,
 drops out of the gauges by itself.
 
+A pooled connection has a life of its own beside its checkouts: opened (how long that took, and
+its server backend), closed (and why), invalidated (and why); those listeners run when a
+connection opens or closes, never per checkout.
+
+Callers waiting for a pooled connection are a matter of one pool object (`WatchedPool`): pending
+callers, waits that timed out or were cancelled, and a request asking a pool for a second
+connection while it holds one (nested_checkout). A caller of an exhausted pool waits whatever
+another pool with the same name has idle, and holding one pool while asking another is no nested
+checkout. `acquire_started` / `acquire_finished` (called by the `raw_connection` hook) count
+them; a timeout's holders go to the `ExhaustionReports` the monitor hands the tracker.
+
 In a forked child (gunicorn's preload) the connections out and the callers waiting are the
 parent's: the child forgets them and counts from zero (`forking.py`), and its pools, once it
 disposes them as SQLAlchemy recommends, are new objects.
@@ -14,35 +25,74 @@ disposes them as SQLAlchemy recommends, are new objects.
 
 from __future__ import annotations
 
+import sys
+import time
 import weakref
 from asyncio import CancelledError
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import NullPool, Pool, QueuePool
 
-from ..findings.holders import ExhaustionReporter
 from ..hooks.forking import Stage, in_child, new_lock
 from ..hooks.guard import Guard
+from ..hooks.stacks import application_location, format_location
 from ..hooks.wrappers import Acquisition, acquiring_session, in_greenlet, install_new_groups
-from .backends import ApplicationNameTagger
-from .context import current_request, serving_no_request
+from .backends import ApplicationNameTagger, backend_pid
+from .context import RequestScope, current_request, serving_no_request
 from .naming import pool_name_for
 from .observer import Fanout
-from .pool_connections import ConnectionLifecycle
 from .pool_state import EnginePool, PoolSnapshot, PoolState, WatchedPool, root_engine
-from .pool_waits import Waiting
 from .records import TrackedCheckout
 from .sessions import SessionTracker
 from .stats import PoolStats
 
+_CONNECT_STARTED = "session_monitor.connect_started"
+_INVALIDATED = "session_monitor.invalidated"
 
-class PoolTracker(ConnectionLifecycle, Waiting):
+def close_reason(record: Any) -> str:
+    """Why a pool closes a connection (`metric_table.CLOSE_REASONS`), told from the pool's
+    state at its close event: invalidated (an error, a failed pre-ping, the app's invalidate(),
+    the whole pool's invalidation), overflow, unpooled, recycled, or disposed."""
+    if record.info.pop(_INVALIDATED, False):
+        return "invalidated"
+    pool = getattr(record, "_ConnectionRecord__pool", None)
+    if isinstance(pool, NullPool):
+        return "unpooled"
+    if isinstance(pool, QueuePool) and pool._pool.full():
+        # The only close made while the queue is full: the pool had no room for it.
+        return "overflow"
+    started = getattr(record, "starttime", None)
+    if isinstance(pool, Pool) and isinstance(started, float):
+        if pool._invalidate_time > started or record._soft_invalidate_time > started:
+            return "invalidated"
+        if pool._recycle > -1 and time.time() - started > pool._recycle:
+            return "recycled"
+    return "disposed"
+
+
+class ExhaustionReports(Protocol):
+    """Where a pool timeout or a cancelled wait is reported (`findings/holders.py`): the
+    holders, said once per pool per interval; returns them, one line each."""
+
+    def report(
+        self,
+        pool_name: str,
+        kind: str,
+        waited: float,
+        usage: tuple[int, int, int, int | None],
+        checkouts: Iterable[TrackedCheckout],
+        backends: dict[int, int] | None = None,
+        server: Callable[[list[Any]], list[str]] | None = None,
+    ) -> tuple[str, ...]: ...
+
+
+class PoolTracker:
     def __init__(
         self,
         sessions: SessionTracker,
@@ -52,14 +102,16 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         every_engine: bool,
         pool_name: str | None,
         stack_depth: int,
-        timeout_log_interval: float = 10.0,
+        exhaustion: ExhaustionReports,
         application_name: str | None = None,
     ) -> None:
         self._sessions = sessions
         self.tagger = None if application_name is None else ApplicationNameTagger(application_name)
         # Set by the monitor when the server's view is on (`database_view.py`).
-        self.first_connected = None
-        self.server_report = None
+        # after a PostgreSQL connection opened, the server view's startup check (once per pool
+        # name), and the server's part of a timeout report (`DatabaseView.timeout_lines`).
+        self.first_connected: Callable[[PoolState], None] | None = None
+        self.server_report: Callable[[PoolState], Any] | None = None
         self._emit = observers
         self._guard = guard
         self._every_engine = every_engine
@@ -73,7 +125,7 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         self.engine_added: list[Callable[[Engine], None]] = []  # e.g. OpenTelemetry's listeners
         # False after uninstrument(): the listeners stay, doing nothing (see `stop_following`).
         self.following = True
-        self.exhaustion = ExhaustionReporter(timeout_log_interval)
+        self.exhaustion = exhaustion
         in_child(Stage.FORGET, self.forked)
         if observers is not None:
             in_child(Stage.PUBLISH, self.publish_forked)
@@ -450,3 +502,182 @@ class PoolTracker(ConnectionLifecycle, Waiting):
         if checkout.owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
 
+    # -- a connection's own life: opened, closed, invalidated (never per checkout) ---------
+
+    def _publish_usage(self, state: PoolState, returning: WatchedPool | None = None) -> None:
+        """The name's pools summed, as the scrape shows them. `returning`: the pool whose
+        checkin event runs now, before the pool puts the connection back among its idle ones."""
+        # Called under state.lock, so concurrent updates reach observers' gauges in order.
+        assert self._emit is not None
+        live = state.live_pools()
+        idle = sum(watched.idle_count() for watched in live)
+        if returning is not None and returning.counts_itself and returning in live:
+            idle += 1
+        self._emit.pool_usage(state.name, idle, state.used)
+
+    def _do_connect_evt(
+        self, entry: EnginePool, dialect: Any, record: Any, cargs: Any, cparams: Any
+    ) -> None:
+        if record is None:
+            return  # not a pool's connection: the server view's own, left untagged
+        record.info[_CONNECT_STARTED] = time.perf_counter()
+        if self.tagger is not None and entry.state.db_system == "postgresql":
+            self.tagger.tag(dialect.driver, cparams)
+
+    def _connect_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
+        state = entry.state
+        if state.db_system == "postgresql":
+            pid = backend_pid(record)
+            with state.lock:
+                if pid is None:
+                    state.backends.pop(id(record), None)
+                else:
+                    state.backends[id(record)] = pid
+            if self.first_connected is not None:
+                self.first_connected(state)
+        started = record.info.pop(_CONNECT_STARTED, None)
+        if started is not None:
+            seconds = time.perf_counter() - started
+            histogram = state.stats.create
+            bucket = bisect_left(histogram.bounds, seconds)
+            with state.lock:
+                histogram.counts[bucket] += 1
+                histogram.sum += seconds
+            if self._emit is not None:
+                self._emit.connection_created(state.name, seconds)
+
+    def _close_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
+        key = id(record)
+        state = entry.state
+        pools = list(state.pools.values())
+        reason = close_reason(record)
+        closed = state.stats.closed
+        with state.lock:
+            closed[reason] = closed.get(reason, 0) + 1
+            state.backends.pop(key, None)
+            for watched in pools:
+                if key in watched.idle:
+                    del watched.idle[key]
+            if self._emit is not None:
+                self._publish_usage(state)
+        if self._emit is not None:
+            self._emit.connection_closed(state.name, reason)
+
+    def _invalidate_evt(
+        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(entry, record, exception, soft=False)
+
+    def _soft_invalidate_evt(
+        self, entry: EnginePool, dbapi_connection: Any, record: Any, exception: Any
+    ) -> None:
+        self._invalidated(entry, record, exception, soft=True)
+
+    def _invalidated(self, entry: EnginePool, record: Any, exception: Any, *, soft: bool) -> None:
+        # What SQLAlchemy lets us tell apart: the app's own invalidate() passes no exception;
+        # a failed pre-ping (or a checkout listener's DisconnectionError) a DisconnectionError;
+        # a disconnect seen by a statement the driver's error. A recycle is no invalidation.
+        if exception is None:
+            reason = "explicit"
+        elif isinstance(exception, exc.DisconnectionError):
+            reason = "pre_ping"
+        else:
+            reason = "error"
+        state = entry.state
+        record_key = id(record)
+        holding = entry.holding(record_key)
+        checkout = None if holding is None else holding.checked_out.get(record_key)
+        if not soft and checkout is not None and checkout.transaction_started_at is not None:
+            # The connection and its transaction are gone: whatever the app does next, that
+            # transaction was rolled back.
+            self._sessions.end_transaction(checkout, "rollback")
+        if not soft:
+            record.info[_INVALIDATED] = True  # read by the close event that follows at once
+        key = ("true" if soft else "false", reason)
+        invalidations = state.stats.invalidations
+        with state.lock:
+            invalidations[key] = invalidations.get(key, 0) + 1
+        if self._emit is not None:
+            view = None if checkout is None else checkout.view()
+            self._emit.connection_invalidated(state.name, soft, view, reason)
+
+    # -- callers waiting: pending, timed out, cancelled; nested checkouts -----------------
+
+    def usage(self, state: PoolState) -> tuple[int, int, int, int | None]:
+        """(used, idle, pending, maximum) of a pool name now, without touching the scrape's
+        peak: its pools summed."""
+        return state.usage()
+
+    def _check_nested(self, request: RequestScope, watched: WatchedPool) -> None:
+        """A request asking a pool for a connection while one of its sessions holds another
+        of the same pool."""
+        checked_out = watched.checked_out
+        ref = acquiring_session.get()
+        orm_session = None if ref is None else ref()
+        acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
+        for session in request.sessions:
+            if session is acquiring or session.closed:
+                continue
+            for held in session.checkouts:
+                if not held.returned and checked_out.get(held.record_key) is held:
+                    self._sessions.pitfalls.found(
+                        "nested_checkout",
+                        session,
+                        application_location(sys._getframe(1)),
+                        f"while the request's {session.kind} opened at "
+                        f"{format_location(session.view.location)} holds one",
+                    )
+                    return
+
+    def _pending(self, watched: WatchedPool, delta: int) -> None:
+        try:
+            state = watched.label
+            with state.lock:
+                watched.pending += delta
+                if delta > 0:
+                    state.stats.waited += 1
+            if self._emit is not None:
+                self._emit.pool_pending(state.name, delta)
+                if delta > 0:
+                    self._emit.checkout_waited(state.name)
+        except Exception:
+            self._guard.failed("pool_pending")
+
+    def _timed_out(self, watched: WatchedPool, waited: float) -> None:
+        try:
+            state = watched.label
+            with state.lock:
+                state.stats.timeouts += 1
+            holders = self._report_exhaustion(watched, "timeout", waited)
+            if self._emit is not None:
+                ref = acquiring_session.get()
+                orm_session = None if ref is None else ref()
+                tracked = None if orm_session is None else self._sessions.tracked(orm_session)
+                view = None if tracked is None else tracked.view
+                self._emit.checkout_timed_out(state.name, waited, view, holders)
+        except Exception:
+            self._guard.failed("timeout")
+
+    def _wait_cancelled(self, watched: WatchedPool, waited: float) -> None:
+        try:
+            state = watched.label
+            with state.lock:
+                state.stats.cancelled += 1
+            self._report_exhaustion(watched, "cancelled", waited)
+            if self._emit is not None:
+                self._emit.wait_cancelled(state.name, waited)
+        except Exception:
+            self._guard.failed("wait_cancelled")
+
+    def _report_exhaustion(
+        self, watched: WatchedPool, kind: str, waited: float
+    ) -> tuple[str, ...]:
+        """The exhausted pool's own holders and usage, not those of its name's other pools."""
+        state = watched.label
+        with state.lock:
+            held = list(watched.checked_out.values())
+            pending = watched.pending
+            backends = dict(state.backends) if state.backends else None
+        usage = (len(held), watched.idle_count(), pending, watched.bound)
+        server = None if self.server_report is None else self.server_report(state)
+        return self.exhaustion.report(state.name, kind, waited, usage, held, backends, server)

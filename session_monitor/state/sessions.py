@@ -4,10 +4,28 @@ Definitions (see the README): an ORM Session is *opened* when it first asks for 
 (its first statement or flush) and *closed* by ``close()``, ``invalidate()``, ``reset()``, the
 end of its ``with`` block, or the garbage collector. A Core Connection the app checks out itself
 is a session from checkout to checkin. A session that never touches the database holds nothing
-and is not counted. A transaction belongs to a connection, from begin to its end.
+and is not counted.
 
-The hooks (`_hooks`) call the ``session_*`` and ``transaction_*`` methods here directly; each
-guards itself and never raises.
+A transaction belongs to a connection, from begin to commit, rollback or close (the outcome), ORM
+and Core alike, as the Connection and Transaction hooks report them; it is counted for the session
+holding its connection. `close` is the normal read path: a transaction ended without commit() or
+rollback(), by close(), a `with` or `async with` block's end, or the pool taking its connection
+back. A transaction in which a statement failed (an IntegrityError, a deadlock...) and that was
+not committed ends as `rollback` however it ends: the database threw its work away, which is what
+an operator counts rollbacks for.
+
+The forgotten commit (the uncommitted_changes pitfall) is seen at close: a session closed with
+changes it never committed, flushed or not. Three things are not the forgotten commit, each a
+rollback that is the point: an exception on its way out where the session is closed
+(`hooks.wrappers.exception_leaving`); a session that joined a transaction its Connection's owner
+began (`joins_outer_transaction`): a test fixture's session on an outer connection; attribute
+changes with no net difference (`merge()` of an unchanged object): `Session.dirty` is optimistic,
+`Session.is_modified` compares each attribute with its loaded value.
+
+The hooks (`hooks/wrappers.py`) call the ``session_*`` and ``transaction_*`` methods here
+directly; each guards itself and never raises. What they find on the way (a leak, a pitfall) goes
+to the detectors the monitor hands the tracker (`LeakReports`, `PitfallReports`): the tracker
+never knows how a finding is said.
 
 A forked child's sessions are its own: those open at the fork are the parent's, and the child
 forgets them (`forked`) rather than close, leak or count them.
@@ -15,28 +33,25 @@ forgets them (`forked`) rather than close, leak or count them.
 
 from __future__ import annotations
 
-import logging
 import sys
+import threading
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from ..config import MonitorConfig
-from ..findings.idle import idle_message
-from ..findings.leaks import LeakDetector
-from ..findings.pitfalls import PitfallDetector, joining_outer_transaction
-from ..hooks.forking import Stage, in_child, new_rlock
+from ..hooks.forking import Stage, in_child
 from ..hooks.guard import Guard
 from ..hooks.stacks import Location, application_location, application_stack
+from ..hooks.wrappers import closing_while_leaving, exception_leaving
 from .context import RequestScope, current_request
-from .forgotten_commits import ForgottenCommits
 from .naming import NO_REQUEST
 from .observer import Fanout
 from .records import (
@@ -44,20 +59,92 @@ from .records import (
     SessionView,
     TrackedCheckout,
     TrackedSession,
+    next_session_id,
 )
-from .stats import SessionStats
-from .transactions import TransactionTracking
+from .stats import HOLD_BUCKETS, Histogram, SessionStats
 
 if TYPE_CHECKING:
     from .pool_state import EnginePool, PoolState
 
-logger = logging.getLogger("session_monitor")
-
 _NO_REQUEST_KEY = (NO_REQUEST, NO_REQUEST)
 
 
-class SessionTracker(TransactionTracking, ForgottenCommits):
-    def __init__(self, config: MonitorConfig, observers: Fanout | None, guard: Guard) -> None:
+class LeakReports(Protocol):
+    """What the tracker tells the leak detector (`findings/leaks.py`)."""
+
+    def leaked(self, tracked: TrackedSession, reason: str, detail: str = "") -> None: ...
+
+    def came_back(self, checkout: TrackedCheckout, held: float) -> None: ...
+
+    def forked(self) -> None: ...
+
+
+class PitfallReports(Protocol):
+    """What the tracker tells the pitfall detector (`findings/pitfalls.py`)."""
+
+    def found(
+        self, kind: str, session: TrackedSession, location: Location | None, detail: str = ""
+    ) -> None: ...
+
+    def found_for(
+        self,
+        kind: str,
+        view: SessionView,
+        stats: SessionStats,
+        location: Location | None,
+        detail: str = "",
+    ) -> None: ...
+
+    def forked(self) -> None: ...
+
+
+def joining_outer_transaction(orm_session: Session, bind: object) -> bool:
+    """Whether the session, about to take `bind`, joins a transaction the Connection's owner
+    began (in a savepoint or as rollback-only) rather than beginning its own. ("control_fully"
+    hands the outer transaction over: the session then owns it.)"""
+    return (
+        isinstance(bind, Connection)
+        and bind.in_transaction()
+        and orm_session.join_transaction_mode != "control_fully"
+    )
+
+
+def joins_outer_transaction(orm_session: Session) -> bool:
+    """The same, of the transaction the session is in now: it took a Connection it does not
+    close, and either may not commit (rollback-only) or holds a savepoint in the Connection's
+    transaction rather than that transaction itself."""
+    root = orm_session.get_transaction()
+    if root is None:
+        return False
+    for connection, transaction, should_commit, closes_connection in root._connections.values():
+        if not closes_connection and (
+            not should_commit or transaction is not connection.get_transaction()
+        ):
+            return True
+    return False
+
+
+def _has_net_changes(orm_session: Session) -> bool:
+    """Objects added or deleted, or an attribute whose value differs from the loaded one."""
+    if orm_session._new or orm_session._deleted:
+        return True
+    for state in orm_session.identity_map._modified:
+        instance = state.obj()
+        if instance is not None and orm_session.is_modified(instance):
+            return True
+    return False
+
+
+class SessionTracker:
+    def __init__(
+        self,
+        config: MonitorConfig,
+        observers: Fanout | None,
+        guard: Guard,
+        lock: threading.RLock,
+        leaks: LeakReports,
+        pitfalls: PitfallReports,
+    ) -> None:
         self._config = config
         self._stack_depth = config.stack_depth if config.capture_stacks else 0
         self._emit = observers  # None when the metrics are all there is: no call at all
@@ -69,12 +156,13 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         self._live: dict[int, TrackedSession] = {}
         self._by_session: dict[int, TrackedSession] = {}
         self._collected_callback = self._collected
-        # Guards the counters and each record's closed and leak_reason. Reentrant: a garbage
-        # collection during a snapshot's copies may close a collected session.
-        self.lock = new_rlock()
+        # Guards the counters and each record's closed and leak_reason; the detectors share it.
+        # Reentrant: a garbage collection during a snapshot's copies may close a collected
+        # session.
+        self.lock = lock
         self._stats: dict[tuple[str, str], SessionStats] = {}
-        self.leaks = LeakDetector(self.lock, observers, config.log_leaks)
-        self.pitfalls = PitfallDetector(self.lock, observers, config.log_leaks)
+        self.leaks = leaks
+        self.pitfalls = pitfalls
         # Checkouts that belong to a session, by id() of their connection proxy, which a
         # Connection holds: the transaction hooks find a connection's checkout with one lookup.
         self._by_proxy: dict[int, TrackedCheckout] = {}
@@ -255,14 +343,13 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
             self._emit.session_closed(tracked.view, duration)
 
     def idle_in_transaction(self, checkout: TrackedCheckout, away: float) -> None:
-        """The idle sampler's report: counted for the session's route, logged, emitted."""
+        """The idle sampler's report (the sampler has logged it): counted for the session's
+        route, emitted."""
         owner = checkout.owner
         if owner is None:
             return
         with self.lock:
             owner.stats.idle_in_transaction += 1
-        if self._config.log_leaks:
-            logger.warning(idle_message(checkout, away))
         if self._emit is not None:
             self._emit.session_idle_in_transaction(owner.view, away)
 
@@ -284,8 +371,8 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
             self._by_proxy.clear()
             self._by_connection.clear()
             self._stats = {}
-            self.leaks.recent.clear()
-            self.pitfalls.recent.clear()
+            self.leaks.forked()
+            self.pitfalls.forked()
         except Exception:
             self._guard.failed("fork")
 
@@ -338,3 +425,153 @@ class SessionTracker(TransactionTracking, ForgottenCommits):
         if checkout is None or checkout.returned or checkout.owner is None:
             return None
         return checkout.owner.view
+
+    # -- transactions (the Connection and Transaction hooks call these) ---------------------
+
+    def transaction_began(self, connection: Connection) -> None:
+        try:
+            proxy = connection._dbapi_connection
+            checkout = None if proxy is None else self._by_proxy.get(id(proxy))
+            if checkout is not None:
+                self.begin_transaction(checkout)
+                checkout.connection_key = key = id(connection)
+                self._by_connection[key] = checkout
+        except Exception:
+            self._guard.failed("transaction_begin")
+
+    def transaction_committed(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                if checkout.owner is not None:
+                    checkout.owner.flushed_uncommitted = False
+                self.end_transaction(checkout, "commit")
+        except Exception:
+            self._guard.failed("transaction_commit")
+
+    def transaction_rolling_back(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                outcome = "close" if checkout.transaction_closing else "rollback"
+                if checkout.owner is not None and outcome == "rollback":
+                    checkout.owner.flushed_uncommitted = False  # asked for: discarded on purpose
+                self.end_transaction(checkout, outcome)
+        except Exception:
+            self._guard.failed("transaction_rollback")
+
+    def statement_failed(self, connection: Connection) -> None:
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and checkout.transaction_started_at is not None:
+                checkout.statement_failed = True
+        except Exception:
+            self._guard.failed("statement_failed")
+
+    def transaction_closing(self, connection: Connection, closing: bool) -> None:
+        """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
+        try:
+            checkout = self._by_connection.get(id(connection))
+            if checkout is not None and not checkout.returned:
+                open_transaction = checkout.transaction_started_at is not None
+                checkout.transaction_closing = closing and open_transaction
+        except Exception:
+            self._guard.failed("transaction_close")
+
+    def begin_transaction(self, checkout: TrackedCheckout) -> None:
+        if checkout.transaction_started_at is not None:
+            self.end_transaction(checkout, "close")
+        checkout.transaction_started_at = perf_counter()
+        checkout.transaction_closing = False
+        checkout.statement_failed = False
+        owner = checkout.owner
+        if owner is not None:
+            owner.transaction_count += 1
+
+    def end_transaction(self, checkout: TrackedCheckout, outcome: str) -> None:
+        started = checkout.transaction_started_at
+        if started is None:
+            return
+        duration = perf_counter() - started
+        if outcome == "close" and checkout.statement_failed:
+            outcome = "rollback"
+        checkout.transaction_started_at = None
+        checkout.transaction_closing = False
+        checkout.statement_failed = False
+        owner = checkout.owner
+        if owner is None:
+            return
+        by_outcome = owner.stats.transactions
+        histogram = by_outcome.get(outcome)
+        if histogram is None:
+            new = Histogram(HOLD_BUCKETS)
+            with self.lock:
+                histogram = by_outcome.setdefault(outcome, new)
+        bucket = bisect_left(histogram.bounds, duration)
+        with self.lock:
+            histogram.counts[bucket] += 1
+            histogram.sum += duration
+        if self._emit is not None:
+            self._emit.transaction_ended(owner.view, outcome, duration)
+
+    # -- the forgotten commit (the uncommitted_changes pitfall), seen at close --------------
+
+    def session_flushed(self, orm_session: Session) -> None:
+        try:
+            tracked = self.tracked(orm_session)
+            if (
+                tracked is not None
+                and not tracked.flushed_uncommitted
+                and not joins_outer_transaction(orm_session)
+            ):
+                tracked.flushed_uncommitted = True
+        except Exception:
+            self._guard.failed("session_flushed")
+
+    def session_closing(self, orm_session: Session) -> None:
+        """Before a close (called by the _close_impl hook): changes never committed are the
+        forgotten commit, unless the rollback is the point (see the module's docstring).
+        The common close, after a commit, has no transaction and costs one lookup."""
+        try:
+            if orm_session.__dict__.get("_transaction") is None:
+                return
+            tracked = self.tracked(orm_session)
+            flushed = tracked is not None and tracked.flushed_uncommitted
+            if not (flushed or _has_net_changes(orm_session)):
+                return
+            # Frames: this method, the hook, Session.close() or whatever called _close_impl,
+            # and what called that: the app, or the session's own __exit__.
+            hook = sys._getframe().f_back
+            closer = None if hook is None else hook.f_back
+            if (
+                closing_while_leaving.get()
+                or exception_leaving(None if closer is None else closer.f_back)
+                or joins_outer_transaction(orm_session)
+            ):
+                return
+            location = application_location(closer)
+            if tracked is not None:
+                self.pitfalls.found("uncommitted_changes", tracked, location)
+                return
+            # Changes only, never flushed: it used no connection, so it has no record (and is
+            # counted nowhere else); a view of it is made for this report alone.
+            bind = orm_session.__dict__.get("bind")
+            entry = self.entry_for(bind) if isinstance(bind, Engine) else None
+            if entry is None:
+                return
+            request = current_request.get()
+            key = (NO_REQUEST, NO_REQUEST) if request is None else (request.route, request.method)
+            view = SessionView(
+                next_session_id(),
+                "session",
+                entry.state.name,
+                entry.state.db_system,
+                key[0],
+                key[1],
+                location,
+                (),
+                perf_counter(),
+            )
+            self.pitfalls.found_for("uncommitted_changes", view, self._stats_for(key), location)
+        except Exception:
+            self._guard.failed("session_closing")

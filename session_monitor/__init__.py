@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import ConfigurationError, MonitorConfig
-    from .findings.holders import HolderView, PoolEvent, PoolUsage
+    from .findings.holders import PoolEvent, PoolUsage
     from .monitor import SessionMonitor
     from .state.naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
     from .state.observer import Observer
-    from .state.records import CheckoutView, SessionView
+    from .state.views import CheckoutView, HolderView, SessionView
     from .web.middleware import SessionMonitorMiddleware
 
 __version__ = "0.1.0"
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ConfigurationError": "config",
     "MonitorConfig": "config",
-    "HolderView": "findings.holders",
+    "HolderView": "state.views",
     "PoolEvent": "findings.holders",
     "PoolUsage": "findings.holders",
     "SessionMonitorMiddleware": "web.middleware",
@@ -41,8 +41,8 @@ _EXPORTS = {
     "UNMATCHED_ROUTE": "state.naming",
     "pool_name_for": "state.naming",
     "Observer": "state.observer",
-    "CheckoutView": "state.records",
-    "SessionView": "state.records",
+    "CheckoutView": "state.views",
+    "SessionView": "state.views",
 }
 
 

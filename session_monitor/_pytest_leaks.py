@@ -28,7 +28,7 @@ from .hooks.guard import Guard
 from .hooks.stacks import Location
 from .monitor import SessionMonitor
 from .pytest_plugin import ALLOW_LEAKS
-from .state.records import CheckoutView, SessionView
+from .state.views import CheckoutView, SessionView
 
 # `python -m pytest` starts in the pytest package, which stacks.py does not count as a library.
 _PYTEST_DIR = os.path.dirname(pytest.__file__) + os.sep

@@ -30,7 +30,6 @@ from .exporters.multiprocess import metrics_app
 from .findings.database_view import DatabaseView
 from .findings.holders import (
     ExhaustionReporter,
-    HolderView,
     PoolEvent,
     PoolUsage,
     holder_views,
@@ -42,11 +41,11 @@ from .hooks import wrappers
 from .hooks.forking import Stage, in_child, new_lock, new_rlock
 from .hooks.guard import Guard
 from .hooks.stacks import add_library_packages
-from .state.context import RequestScope
 from .state.observer import Fanout, Observer
 from .state.pool import PoolTracker
-from .state.records import SessionView
+from .state.records import RequestScope
 from .state.sessions import SessionTracker
+from .state.views import HolderView, SessionView
 from .web.diagnostics import DiagnosticsApp, worker_answer
 from .web.middleware import insert_middleware, remove_middleware
 from .web.workers import WorkerSocket
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from .exporters.tracing import OpenTelemetryObserver
-    from .state.records import SessionView
 
     EngineLike = Engine | AsyncEngine
 

@@ -48,9 +48,8 @@ from .metric_table import (
 )
 
 if TYPE_CHECKING:
-    from ..findings.holders import HolderView
     from ..hooks.stacks import Location
-    from ..state.records import CheckoutView, SessionView
+    from ..state.views import CheckoutView, HolderView, SessionView
 
 
 class PrometheusMetrics:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
     from sqlalchemy.engine import URL
 
-    from ..state.records import CheckoutView
+    from ..state.views import CheckoutView
 
 AttributeValue = str | bool | int | float
 Attributes = dict[str, AttributeValue]

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
 
-    from ..state.records import SessionView
+    from ..state.views import SessionView
     from .otel_spans import SessionSpan
 
 

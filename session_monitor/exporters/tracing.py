@@ -82,9 +82,8 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from sqlalchemy.engine import Connection
 
-    from ..findings.holders import HolderView
     from ..hooks.stacks import Location
-    from ..state.records import CheckoutView, SessionView
+    from ..state.views import CheckoutView, HolderView, SessionView
 
 class OpenTelemetryObserver:
     """Turn the monitor's events into spans and metrics. Built by SessionMonitor, not by hand."""

@@ -23,7 +23,8 @@ from sqlalchemy.pool import QueuePool
 
 from ..hooks.forking import Stage, in_child, new_lock
 from ..state.backends import application_name, process_prefix
-from .holders import HolderView, holder_views
+from ..state.views import HolderView
+from .holders import holder_views
 from .server_holders import join, lost_connections, pids_of, summarize
 from .server_view import ServerReading, read_server
 from .sizing import PoolFacts, advice, summary

@@ -23,14 +23,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from ..hooks.forking import Stage, in_child, new_lock
 from ..hooks.stacks import Location, application_frames, application_stack, format_location
 from ..state.records import TrackedCheckout
-
-if TYPE_CHECKING:
-    from .server_holders import ServerSide
+from ..state.views import HolderView
 
 # Where a holder's innermost frame means "in the database": SQLAlchemy and the usual drivers.
 _DATABASE_PACKAGES = (
@@ -52,34 +50,6 @@ _DATABASE_PACKAGES = (
 _NOW_DEPTH = 8  # application frames kept of where a holder is now
 
 
-class HolderView(NamedTuple):
-    """One checked-out connection and what holds it, read at one moment."""
-
-    pool_name: str
-    kind: str  # "session" (ORM), "connection" (Core) or "raw" (a DBAPI connection)
-    session_id: int | None
-    route: str
-    method: str
-    held_for: float  # seconds since checkout
-    opened_at: Location | None  # the application line that opened its session
-    opened_stack: tuple[Location, ...]  # with capture_stacks=True
-    transaction_for: float | None  # seconds its transaction has been open; None: no transaction
-    holder: str  # "thread <name>" or "task <name>"
-    activity: str  # "database", "application", "awaiting", "leaked" or "unknown"
-    now_at: tuple[Location, ...]  # the holder's application frames now, innermost first
-    backend_pid: int | None = None  # its server backend (PostgreSQL; `backends.py`)
-    server: ServerSide | None = None  # what the server says, when asked (`server_holders.py`)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            **self._asdict(),
-            "opened_at": _location_dict(self.opened_at),
-            "opened_stack": [_location_dict(f) for f in self.opened_stack],
-            "now_at": [_location_dict(f) for f in self.now_at],
-            "server": None if self.server is None else self.server.as_dict(),
-        }
-
-
 def holder_from_dict(data: dict[str, Any]) -> HolderView:
     """A holder as `HolderView.as_dict` wrote it (another worker's, on the diagnostics page),
     without its server side."""
@@ -97,13 +67,6 @@ def holder_from_dict(data: dict[str, Any]) -> HolderView:
             "server": None,
         }
     )
-
-
-def _location_dict(location: Location | None) -> dict[str, Any] | None:
-    if location is None:
-        return None
-    filename, line, function = location
-    return {"file": filename, "line": line, "function": function}
 
 
 def _is_database_frame(frame: FrameType) -> bool:

@@ -23,9 +23,9 @@ from ..hooks.stacks import format_location, format_stack
 from .periodic import PeriodicScan
 
 if TYPE_CHECKING:
-    from ..state.context import RequestScope
     from ..state.observer import Fanout
-    from ..state.records import SessionView, TrackedCheckout, TrackedSession
+    from ..state.records import RequestScope, TrackedCheckout, TrackedSession
+    from ..state.views import SessionView
 
 logger = logging.getLogger("session_monitor")
 

@@ -35,8 +35,9 @@ from ..state.naming import NO_REQUEST
 if TYPE_CHECKING:
 
     from ..state.observer import Fanout
-    from ..state.records import SessionView, TrackedSession
+    from ..state.records import TrackedSession
     from ..state.stats import SessionStats
+    from ..state.views import SessionView
 
 logger = logging.getLogger("session_monitor")
 

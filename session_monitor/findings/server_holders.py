@@ -11,11 +11,11 @@ process's holders (its route and opening line), a worker of the same service (it
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..hooks.stacks import format_location
-from .holders import HolderView
-from .server_view import Backend, ServerReading
+from ..state.views import Backend, Blocker, HolderView, ServerSide, holder_request
+from .server_view import ServerReading
 
 # What the server says a holder's connection is doing.
 RUNNING = "running"  # a statement, not waiting on a lock
@@ -28,55 +28,6 @@ NO_PID = "no_pid"  # the driver did not say which backend it is (or PgBouncer's 
 UNREAD = "unread"  # checked out after the server was read
 
 
-class Blocker(NamedTuple):
-    pid: int
-    holder: HolderView | None  # one of this process's holders
-    backend: Backend | None  # what the server says of it; None if gone since
-
-    def describe(self, own_prefix: str | None = None) -> str:
-        doing = "" if self.backend is None else f", {self.backend.describe()}"
-        if self.holder is not None:
-            return (
-                f"backend {self.pid} = {_request(self.holder)} opened at "
-                f"{format_location(self.holder.opened_at)}{doing}"
-            )
-        name = None if self.backend is None else self.backend.application_name
-        if own_prefix and name and name.startswith(own_prefix):
-            return f"backend {self.pid} of another worker of this service ({name}){doing}"
-        origin = f"application_name {name!r}" if name else "no application_name"
-        return f"backend {self.pid} outside this process ({origin}){doing}"
-
-    def as_dict(self) -> dict[str, Any]:
-        holder = self.holder
-        return {
-            "pid": self.pid,
-            "ours": holder is not None,
-            "route": None if holder is None else holder.route,
-            "method": None if holder is None else holder.method,
-            "opened_at": None if holder is None else format_location(holder.opened_at),
-            "backend": None if self.backend is None else self.backend._asdict(),
-        }
-
-
-class ServerSide(NamedTuple):
-    """What the server says of one holder's connection."""
-
-    status: str  # RUNNING, LOCK_WAIT, IDLE_IN_TRANSACTION, IDLE, NOT_SEEN, HIDDEN or NO_PID
-    backend: Backend | None
-    blockers: tuple[Blocker, ...] = ()  # pg_blocking_pids(): the backends right in its way
-    # The head of its lock queue: followed through waiters that wait themselves (on a row,
-    # the second waiter queues behind the first, which waits for the holder).
-    root: Blocker | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "backend": None if self.backend is None else self.backend._asdict(),
-            "blockers": [blocker.as_dict() for blocker in self.blockers],
-            "root": None if self.root is None else self.root.as_dict(),
-        }
-
-
 def _head_of_queue(pid: int, backends: dict[int, Backend]) -> int:
     seen = set()
     while pid not in seen:
@@ -86,10 +37,6 @@ def _head_of_queue(pid: int, backends: dict[int, Backend]) -> int:
             break
         pid = backend.blocked_by[0]
     return pid
-
-
-def _request(holder: HolderView) -> str:
-    return "outside any request" if holder.route == "<none>" else f"{holder.method} {holder.route}"
 
 
 def _status(backend: Backend | None) -> str:
@@ -159,8 +106,8 @@ def summarize(
     for (_, _, opened, status, _), members in sorted(groups.items(), key=lambda g: -len(g[1])):
         n = len(members)
         head = (
-            f"{n} of {total} held by {_request(members[0])}, opened at {format_location(opened)}, "
-            f"{_plural(n, 'is', 'are')}"
+            f"{n} of {total} held by {holder_request(members[0])}, "
+            f"opened at {format_location(opened)}, {_plural(n, 'is', 'are')}"
         )
         side = members[0].server
         backend = None if side is None else side.backend

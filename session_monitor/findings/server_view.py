@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Engine
 
+from ..state.views import Backend
+
 logger = logging.getLogger("session_monitor")
 
 _COLUMNS = """pid, state, wait_event_type, wait_event,
@@ -54,34 +56,6 @@ _LIMITS = """SELECT current_setting('max_connections')::int,
 _BLOCKERS = "CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END"
 _CHAIN_ROUNDS = 3  # blockers of blockers read, at most: one statement each
 _STATEMENT_TIMEOUT_MS = 2000
-
-
-class Backend(NamedTuple):
-    """One server backend as ``pg_stat_activity`` shows it."""
-
-    pid: int
-    state: str | None  # active, idle, idle in transaction, ...; None: not ours to see
-    wait_event_type: str | None  # Lock, LWLock, IO, Client, ...
-    wait_event: str | None
-    transaction_for: float | None  # seconds since its transaction began
-    state_for: float | None  # seconds in its current state
-    query: str | None  # the first line of its last statement, literals masked
-    application_name: str | None
-    blocked_by: tuple[int, ...]  # pg_blocking_pids(), for a backend waiting on a lock
-
-    @property
-    def waiting_on_lock(self) -> bool:
-        return self.state == "active" and self.wait_event_type == "Lock"
-
-    def describe(self) -> str:
-        """What it does, in a few words: "idle in transaction for 31.0 s"."""
-        if self.state is None:
-            return "state not visible to this role"
-        if self.waiting_on_lock:
-            return f"waiting on a lock ({self.wait_event}) for {_secs(self.state_for)}"
-        if self.state == "active":
-            return f"running a statement for {_secs(self.state_for)}"
-        return f"{self.state} for {_secs(self.state_for)}"
 
 
 class ServerLimits(NamedTuple):
@@ -110,12 +84,7 @@ class ServerReading(NamedTuple):
     asked: frozenset[int]  # the pool's backend PIDs it was asked about
 
 
-def _secs(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds:.1f} s"
 
-
-# Literals of a statement's text: strings (standard, E'', dollar-quoted) and numbers; what
-# remains is the statement's shape. "$1" placeholders are kept.
 _LITERALS = re.compile(
     r"\$(\w*)\$.*?\$\1\$|[eE]?'(?:[^'\\]|''|\\.)*'|(?<![\w$])\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 )

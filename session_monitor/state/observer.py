@@ -9,13 +9,10 @@ keep a view as long as it likes, and nothing it does can change what the monitor
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..hooks.stacks import Location
-from .records import CheckoutView, SessionView
-
-if TYPE_CHECKING:
-    from ..findings.holders import HolderView
+from .views import CheckoutView, HolderView, SessionView
 
 
 class Observer(Protocol):

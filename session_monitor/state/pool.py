@@ -44,11 +44,11 @@ from ..hooks.guard import Guard
 from ..hooks.stacks import application_location, format_location
 from ..hooks.wrappers import Acquisition, acquiring_session, in_greenlet, install_new_groups
 from .backends import ApplicationNameTagger, backend_pid
-from .context import RequestScope, current_request, serving_no_request
+from .context import current_request, serving_no_request
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_state import EnginePool, PoolSnapshot, PoolState, WatchedPool, root_engine
-from .records import TrackedCheckout
+from .records import RequestScope, TrackedCheckout
 from .sessions import SessionTracker
 from .stats import PoolStats
 

@@ -1,5 +1,5 @@
-"""What the monitor keeps about one session and one checked-out connection, and the frozen views
-of them that observers receive.
+"""What the monitor keeps about one request, one session and one checked-out connection (each
+refers to the others); the frozen views of them that observers receive are `views.py`'s.
 
 The records are the monitor's own, mutated under its locks; nothing in them refers strongly to an
 application object (a Session, a Connection, a frame): the ORM Session and the pool's connection
@@ -13,15 +13,14 @@ import time
 import weakref
 from asyncio import _get_running_loop, current_task
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from ..hooks.stacks import Location
+from .naming import UNMATCHED_ROUTE, WEBSOCKET_METHOD, method_label, route_label
+from .views import CheckoutView, SessionKind, SessionView
 
 if TYPE_CHECKING:
-    from .context import RequestScope
     from .stats import SessionStats
-
-SessionKind = Literal["session", "connection"]
 
 _session_ids = itertools.count(1)
 _new_tuple = tuple.__new__
@@ -31,30 +30,77 @@ def next_session_id() -> int:
     return next(_session_ids)
 
 
-class SessionView(NamedTuple):
-    """A session as observers see it: read-only, and the same object for every event of it."""
+class RequestScope:
+    """One request, as the middleware opens it: its route, its method, the sessions it opened."""
 
-    id: int
-    kind: SessionKind  # "session" (ORM) or "connection" (Core)
-    pool_name: str
-    db_system: str  # the dialect name: postgresql, sqlite, mysql, ...
-    route: str
-    method: str
-    location: Location | None  # (file, line, function) of the application line that opened it
-    stack: tuple[Location, ...]  # innermost first; empty unless capture_stacks=True
-    opened_at: float  # time.perf_counter()
+    __slots__ = (
+        "_route",
+        "app",
+        "asgi_scope",
+        "asgi_scope_id",
+        "failure",
+        "method",
+        "responded",
+        "root_path",
+        "sessions",
+        "started",
+    )
+
+    def __init__(self, asgi_scope: dict[str, Any]) -> None:
+        # Dropped when the request ends (`finish`): copies of this context that asyncio keeps in
+        # callbacks must not keep the request's objects (its dependencies, its sessions) alive.
+        self.asgi_scope: dict[str, Any] | None = asgi_scope
+        # The app the request entered (a mount's template is found from it), let go with the scope.
+        self.app: Any = asgi_scope.get("app")
+        # Which ASGI scope this is, to know it again in an exception handler; no reference.
+        self.asgi_scope_id = id(asgi_scope)
+        if asgi_scope.get("type") == "websocket":
+            self.method = WEBSOCKET_METHOD
+        else:
+            self.method = method_label(asgi_scope.get("method", ""))
+        self.root_path: str = asgi_scope.get("root_path", "")
+        self.started = time.perf_counter()
+        self._route: str | None = None
+        # Appended from worker threads too: list.append is atomic, and only the middleware reads.
+        self.sessions: list[TrackedSession] = []
+        self.failure: str | None = None  # "answered 500", "raised KeyError": set by the middleware
+        self.responded = False  # the whole response is sent
 
     @property
-    def age(self) -> float:
-        return time.perf_counter() - self.opened_at
+    def route(self) -> str:
+        if self._route is None:
+            if self.asgi_scope is None:
+                return UNMATCHED_ROUTE
+            matched = route_label(self.asgi_scope, self.root_path, self.app)
+            if matched is None:
+                # Not matched yet (a session opened by an outer middleware) or never matched.
+                return UNMATCHED_ROUTE
+            self._route = matched
+        return self._route
 
+    @classmethod
+    def continuing(cls, failed: RequestScope) -> RequestScope:
+        """A scope for the work the app's 500 handler does after `failed` ended: the same
+        route and method, sessions of its own (checked when the handler returns)."""
+        scope = cls.__new__(cls)
+        scope.asgi_scope = None
+        scope.app = None
+        scope.asgi_scope_id = failed.asgi_scope_id
+        scope.method = failed.method
+        scope.root_path = failed.root_path
+        scope.started = time.perf_counter()
+        scope._route = failed.route
+        scope.sessions = []
+        scope.failure = failed.failure
+        scope.responded = False
+        return scope
 
-class CheckoutView(NamedTuple):
-    """One checkout of a pooled connection; `session` is None for a raw DBAPI connection."""
-
-    pool_name: str
-    session: SessionView | None
-    checked_out_at: float  # time.perf_counter()
+    def finish(self) -> None:
+        """The app returned: fix the route label and let go of the ASGI scope."""
+        if self._route is None:
+            self._route = self.route
+        self.asgi_scope = None
+        self.app = None
 
 
 class TrackedSession:

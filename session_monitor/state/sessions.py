@@ -51,17 +51,17 @@ from ..hooks.forking import Stage, in_child
 from ..hooks.guard import Guard
 from ..hooks.stacks import Location, application_location, application_stack
 from ..hooks.wrappers import closing_while_leaving, exception_leaving
-from .context import RequestScope, current_request
+from .context import current_request
 from .naming import NO_REQUEST
 from .observer import Fanout
 from .records import (
-    SessionKind,
-    SessionView,
+    RequestScope,
     TrackedCheckout,
     TrackedSession,
     next_session_id,
 )
 from .stats import HOLD_BUCKETS, Histogram, SessionStats
+from .views import SessionKind, SessionView
 
 if TYPE_CHECKING:
     from .pool_state import EnginePool, PoolState

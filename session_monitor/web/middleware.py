@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..state.context import (
     LifespanPhase,
-    RequestScope,
     app_path,
     current_request,
     failed_request,
     lifespan_phase,
 )
+from ..state.records import RequestScope
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping

@@ -16,6 +16,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
 if TYPE_CHECKING:
     from .config import ConfigurationError, MonitorConfig
     from .findings.holders import PoolEvent, PoolUsage
@@ -25,7 +27,6 @@ if TYPE_CHECKING:
     from .state.views import CheckoutView, HolderView, SessionView
     from .web.middleware import SessionMonitorMiddleware
 
-__version__ = "0.1.0"
 
 # Imported when first used: the pytest plugin's entry point imports this package in every test
 # run of every project that has it installed, and must not import SQLAlchemy there.

@@ -210,14 +210,14 @@ def forget_dead_workers(directory: str) -> list[int]:
         stem, _, pid_text = name.removesuffix(".db").rpartition("_")
         if stem.startswith(("gauge_live", "gauge_all")) and pid_text.isdigit():
             pid = int(pid_text)
-            if pid not in dead and not _alive(pid):
+            if pid not in dead and not process_alive(pid):
                 dead.add(pid)
     for pid in dead:
         multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
     return sorted(dead)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -32,10 +32,10 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import Engine
 
-from .. import __version__
 from ..hooks.forking import Stage, in_child
 from ..hooks.stacks import format_stack
 from ..state.naming import pool_name_for
+from ..version import __version__
 from .otel_instruments import Instruments
 from .otel_spans import (
     CLOSE_REASON,

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from ..findings.holders import holder_from_dict
@@ -30,7 +30,9 @@ from ..hooks.stacks import format_location
 from .workers import FAILED, WorkerAnswer, WorkerSocket, ask_workers
 
 if TYPE_CHECKING:
-    from ..monitor import SessionMonitor
+    from ..findings.holders import PoolEvent, PoolUsage
+    from ..findings.pitfalls import Pitfall
+    from ..state.views import HolderView, SessionView
 
 _T = TypeVar("_T")
 
@@ -38,7 +40,23 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 TOKEN_HEADER = b"x-session-monitor-token"
 
 
-def diagnostics_data(monitor: SessionMonitor) -> dict[str, Any]:
+class Readings(Protocol):
+    """What the page reads of the monitor that serves it (`SessionMonitor`'s public readings)."""
+
+    def holders(self, server_view: bool = False) -> list[HolderView]: ...
+
+    def database_report(self, holders: list[HolderView] | None = None) -> list[dict[str, Any]]: ...
+
+    def pool_usage(self) -> list[PoolUsage]: ...
+
+    def recent_leaks(self) -> list[tuple[float, str, SessionView]]: ...
+
+    def recent_pitfalls(self) -> list[Pitfall]: ...
+
+    def pool_events(self) -> list[PoolEvent]: ...
+
+
+def diagnostics_data(monitor: Readings) -> dict[str, Any]:
     """Everything the page shows, as plain JSON types."""
     holders = monitor.holders()
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -90,7 +108,7 @@ def diagnostics_data(monitor: SessionMonitor) -> dict[str, Any]:
     }
 
 
-def worker_answer(monitor: SessionMonitor) -> bytes:
+def worker_answer(monitor: Readings) -> bytes:
     """What this worker sends the one serving the page: its data, with its pid."""
     return json.dumps({"pid": os.getpid(), **diagnostics_data(monitor)}).encode()
 
@@ -177,7 +195,7 @@ def _every_worker(
     return all_workers_data(own, answers, listening=workers.problem, asking=asking)
 
 
-def _database(monitor: SessionMonitor, holders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _database(monitor: Readings, holders: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The server's view of every worker's holders: one reading per pool, made by the worker
     serving the page (`database_view.py`)."""
     return monitor.database_report([holder_from_dict(holder) for holder in holders])
@@ -196,7 +214,7 @@ class DiagnosticsApp:
 
     def __init__(
         self,
-        monitor: SessionMonitor,
+        monitor: Readings,
         path: str,
         token: str | None,
         failed: Callable[[str], None],

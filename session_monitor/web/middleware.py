@@ -13,7 +13,7 @@ stack, whenever the others were added: a middleware that closes the request's se
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..state.context import (
     LifespanPhase,
@@ -27,7 +27,9 @@ from ..state.records import RequestScope
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
 
-    from ..monitor import SessionMonitor
+    from ..config import MonitorConfig
+    from ..hooks.guard import Guard
+    from .diagnostics import DiagnosticsApp
 
     Scope = MutableMapping[str, Any]
     Message = MutableMapping[str, Any]
@@ -39,8 +41,23 @@ if TYPE_CHECKING:
 _MAX_LAYERS = 8
 
 
+class Monitor(Protocol):
+    """What the middleware uses of the `SessionMonitor` it is given: its settings and pages, and
+    the three calls through which it tells the monitor about requests and the lifespan."""
+
+    instrumented: bool
+    config: MonitorConfig
+    metrics_app: Any
+    diagnostics_app: DiagnosticsApp | None
+    _guard: Guard
+
+    def _request_finished(self, request: RequestScope) -> None: ...
+
+    def _serving(self, serving: bool) -> None: ...
+
+
 class SessionMonitorMiddleware:
-    def __init__(self, app: ASGIApp, *, monitor: SessionMonitor) -> None:
+    def __init__(self, app: ASGIApp, *, monitor: Monitor) -> None:
         self.app = app
         self.monitor = monitor
 
@@ -123,7 +140,7 @@ class SessionMonitorMiddleware:
             lifespan_phase.reset(token)
 
 
-def insert_middleware(app: Any, monitor: SessionMonitor) -> None:
+def insert_middleware(app: Any, monitor: Monitor) -> None:
     """Make the middleware the outermost user middleware of a Starlette/FastAPI app, whenever
     the others are added (see `SessionMonitor.instrument_app`)."""
     build = getattr(app, "build_middleware_stack", None)
@@ -157,7 +174,7 @@ def insert_middleware(app: Any, monitor: SessionMonitor) -> None:
         app.add_middleware(SessionMonitorMiddleware, monitor=monitor)
 
 
-def attribute_error_handler(stack: Any, monitor: SessionMonitor) -> None:
+def attribute_error_handler(stack: Any, monitor: Monitor) -> None:
     """Run the app's 500 handler (`exception_handler(500)` or `(Exception)`) as part of the
     request that failed: Starlette's ServerErrorMiddleware calls it outside this middleware,
     once the request has ended here."""
@@ -227,7 +244,7 @@ def attribute_error_handler(stack: Any, monitor: SessionMonitor) -> None:
     layer.handler = wrapped
 
 
-def remove_middleware(app: Any, monitor: SessionMonitor) -> None:
+def remove_middleware(app: Any, monitor: Monitor) -> None:
     """Undo `insert_middleware`. A stack built already keeps the middleware, which passes
     requests through once the monitor is uninstrumented."""
     if getattr(vars(app).get("build_middleware_stack"), "session_monitor", None) is monitor:

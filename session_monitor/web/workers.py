@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ..exporters.multiprocess import _alive
+from ..exporters.multiprocess import process_alive
 from ..hooks.forking import Stage, in_child, new_lock
 
 SOCKET_DIRECTORY = "session_monitor"
@@ -224,7 +224,7 @@ def ask_workers(multiprocess_directory: str, deadline: float) -> list[WorkerAnsw
             pid = _pid_of(name)
             if pid is None or pid == own:
                 continue
-            if not _alive(pid):
+            if not process_alive(pid):
                 _remove(descriptor, name)
                 continue
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

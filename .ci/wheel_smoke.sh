@@ -79,7 +79,8 @@ ASSETS = {
 }
 CODE = ["session_monitor/__init__.py", "session_monitor/__main__.py", "session_monitor/py.typed"]
 # every layer's folder (packages.find's include pattern must reach the sub-packages)
-CODE += [f"session_monitor/{layer}/__init__.py" for layer in ("hooks", "state", "findings", "exporters", "web")]
+LAYERS = ("hooks", "state", "findings", "exporters", "web")
+CODE += [f"session_monitor/{layer}/__init__.py" for layer in LAYERS]
 problems = []
 
 with tarfile.open(sdist) as tar:

@@ -78,6 +78,9 @@ ASSETS = {
     "session_monitor/assets/session_monitor.rules.yml": "prometheus/rules/session_monitor.rules.yml",
 }
 CODE = ["session_monitor/__init__.py", "session_monitor/__main__.py", "session_monitor/py.typed"]
+# every layer's folder (packages.find's include pattern must reach the sub-packages)
+LAYERS = ("hooks", "state", "findings", "exporters", "web")
+CODE += [f"session_monitor/{layer}/__init__.py" for layer in LAYERS]
 problems = []
 
 with tarfile.open(sdist) as tar:

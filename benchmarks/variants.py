@@ -176,10 +176,10 @@ def available(scratch_db: str) -> tuple[list[Variant], dict[str, tuple[str, str]
     chosen = [BARE, DEFAULT, STACKS]
     skipped: dict[str, tuple[str, str]] = {}
     reason = None
-    if importlib.util.find_spec("session_monitor.tracing") is None:
+    if importlib.util.find_spec("session_monitor.exporters.tracing") is None:
         reason = "session_monitor/tracing.py does not exist yet"
     if reason is None:
-        reason = _missing("session_monitor.tracing")
+        reason = _missing("session_monitor.exporters.tracing")
     if reason is None:
         reason = _missing("opentelemetry.sdk.trace") or _probe(OTEL, scratch_db)
     if reason is None:

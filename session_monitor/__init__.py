@@ -16,33 +16,34 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
 if TYPE_CHECKING:
     from .config import ConfigurationError, MonitorConfig
-    from .holders import HolderView, PoolEvent, PoolUsage
-    from .middleware import SessionMonitorMiddleware
+    from .findings.holders import PoolEvent, PoolUsage
     from .monitor import SessionMonitor
-    from .naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
-    from .observer import Observer
-    from .records import CheckoutView, SessionView
+    from .state.naming import NO_REQUEST, UNMATCHED_ROUTE, pool_name_for
+    from .state.observer import Observer
+    from .state.views import CheckoutView, HolderView, SessionView
+    from .web.middleware import SessionMonitorMiddleware
 
-__version__ = "0.1.0"
 
 # Imported when first used: the pytest plugin's entry point imports this package in every test
 # run of every project that has it installed, and must not import SQLAlchemy there.
 _EXPORTS = {
     "ConfigurationError": "config",
     "MonitorConfig": "config",
-    "HolderView": "holders",
-    "PoolEvent": "holders",
-    "PoolUsage": "holders",
-    "SessionMonitorMiddleware": "middleware",
+    "HolderView": "state.views",
+    "PoolEvent": "findings.holders",
+    "PoolUsage": "findings.holders",
+    "SessionMonitorMiddleware": "web.middleware",
     "SessionMonitor": "monitor",
-    "NO_REQUEST": "naming",
-    "UNMATCHED_ROUTE": "naming",
-    "pool_name_for": "naming",
-    "Observer": "observer",
-    "CheckoutView": "records",
-    "SessionView": "records",
+    "NO_REQUEST": "state.naming",
+    "UNMATCHED_ROUTE": "state.naming",
+    "pool_name_for": "state.naming",
+    "Observer": "state.observer",
+    "CheckoutView": "state.views",
+    "SessionView": "state.views",
 }
 
 

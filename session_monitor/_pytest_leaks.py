@@ -23,12 +23,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, scoped_session
 
-from ._listeners import Guard
-from .forking import new_lock
+from .hooks.forking import new_lock
+from .hooks.guard import Guard
+from .hooks.stacks import Location
 from .monitor import SessionMonitor
-from .pytest_plugin import ALLOW_LEAKS
-from .records import CheckoutView, SessionView
-from .stacks import Location
+from .state.views import CheckoutView, SessionView
 
 # `python -m pytest` starts in the pytest package, which stacks.py does not count as a library.
 _PYTEST_DIR = os.path.dirname(pytest.__file__) + os.sep
@@ -223,8 +222,9 @@ class LeakGuard:
 
     name = "session_monitor.leak_guard"
 
-    def __init__(self, config: pytest.Config, *, capture_stacks: bool) -> None:
+    def __init__(self, config: pytest.Config, *, capture_stacks: bool, allow_marker: str) -> None:
         self._root = config.rootpath
+        self.allow_marker = allow_marker  # the plugin's marker: its leaks are counted, not failed
         self.ledger = Ledger()
         self.monitor = SessionMonitor(
             registry=CollectorRegistry(),
@@ -245,7 +245,7 @@ class LeakGuard:
         # as a run without the plugin.
         self._tests_checked = 0
         self._unclosed: Counter[str] = Counter()  # by kind, in the tests failed for them
-        self._allowed = 0  # in tests marked ALLOW_LEAKS
+        self._allowed = 0  # in tests marked with allow_marker
         # The monitor's registry is the plugin's own and nobody scrapes it: a failure of ours
         # in the wrapper is logged once, like the monitor's.
         self._unwatch_threads = watch_thread_starts(
@@ -325,7 +325,7 @@ class LeakGuard:
             self._hand_over_fixture_sessions()
             leaks = self.ledger.leaks_of(item.nodeid)
             self._tests_checked += 1
-        if leaks and item.get_closest_marker(ALLOW_LEAKS) is not None:
+        if leaks and item.get_closest_marker(self.allow_marker) is not None:
             self._allowed += len(leaks)
         elif leaks:
             self._unclosed.update(leak.session.kind for leak in leaks)
@@ -356,7 +356,7 @@ class LeakGuard:
             f"{_count(self._unclosed['connection'], 'Core connection')} left unclosed"
         )
         if self._allowed:
-            line += f" ({self._allowed} more in tests marked {ALLOW_LEAKS})"
+            line += f" ({self._allowed} more in tests marked {self.allow_marker})"
         return line
 
     def _describe(self, leaks: list[Leak]) -> str:
@@ -382,7 +382,7 @@ class LeakGuard:
             )
         lines.append(
             "Close each one (a `with` block, or the teardown of the fixture that opened it), or "
-            f"mark the test @pytest.mark.{ALLOW_LEAKS}."
+            f"mark the test @pytest.mark.{self.allow_marker}."
         )
         return "\n".join(lines)
 

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from . import _hooks
-from ._listeners import Guard
 from .config import (
     ConfigurationError,
     MonitorConfig,
@@ -27,30 +25,36 @@ from .config import (
     package_names,
     sync_engines_of,
 )
-from .context import RequestScope
-from .database_view import DatabaseView
-from .diagnostics import DiagnosticsApp, worker_answer
-from .forking import Stage, in_child, new_lock
-from .holders import HolderView, PoolEvent, PoolUsage, holder_views
-from .idle import IdleInTransactionSampler
-from .leaks import AgeWatcher
-from .metrics import PrometheusCollector, register_all
-from .middleware import insert_middleware, remove_middleware
-from .multiprocess import metrics_app
-from .observer import Fanout, Observer
-from .pitfalls import Pitfall
-from .pool import PoolTracker
-from .records import SessionView
-from .sessions import SessionTracker
-from .stacks import add_library_packages
-from .workers import WorkerSocket
+from .exporters.metrics import PrometheusCollector, register_all
+from .exporters.multiprocess import metrics_app
+from .findings.database_view import DatabaseView
+from .findings.holders import (
+    ExhaustionReporter,
+    PoolEvent,
+    PoolUsage,
+    holder_views,
+)
+from .findings.idle import IdleInTransactionSampler
+from .findings.leaks import AgeWatcher, LeakDetector
+from .findings.pitfalls import Pitfall, PitfallDetector
+from .hooks import wrappers
+from .hooks.forking import Stage, in_child, new_lock, new_rlock
+from .hooks.guard import Guard
+from .hooks.stacks import add_library_packages
+from .state.observer import Fanout, Observer
+from .state.pool import PoolTracker
+from .state.records import RequestScope
+from .state.sessions import SessionTracker
+from .state.views import HolderView, SessionView
+from .web.diagnostics import DiagnosticsApp, worker_answer
+from .web.middleware import insert_middleware, remove_middleware
+from .web.workers import WorkerSocket
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Session
 
-    from .records import SessionView
-    from .tracing import OpenTelemetryObserver
+    from .exporters.tracing import OpenTelemetryObserver
 
     EngineLike = Engine | AsyncEngine
 
@@ -148,7 +152,7 @@ class SessionMonitor:
             opentelemetry is None and (tracer_provider is not None or meter_provider is not None)
         ):
             try:
-                from .tracing import OpenTelemetryObserver
+                from .exporters.tracing import OpenTelemetryObserver
             except ImportError as error:
                 raise ConfigurationError(
                     f"OpenTelemetry support needs the 'otel' extra ({error}): "
@@ -161,7 +165,7 @@ class SessionMonitor:
         multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         if multiprocess:
             # Workers' values must go through prometheus_client's files to be added up.
-            from .multiprocess import PrometheusMetrics
+            from .exporters.multiprocess import PrometheusMetrics
 
             push_metrics = PrometheusMetrics(registry=None)
             all_observers.insert(0, push_metrics)
@@ -169,7 +173,14 @@ class SessionMonitor:
         self.observers: tuple[Observer, ...] = tuple(all_observers)
         emit = Fanout(self.observers, self._guard.failed) if self.observers else None
         self._emit = emit
-        self._sessions = SessionTracker(self.config, emit, self._guard)
+        # The findings the trackers hand what they see, sharing the session tracker's lock.
+        lock = new_rlock()
+        self._leaks = LeakDetector(lock, emit, self.config.log_leaks)
+        self._pitfalls = PitfallDetector(lock, emit, self.config.log_leaks)
+        self._sessions = SessionTracker(
+            self.config, emit, self._guard, lock, self._leaks, self._pitfalls
+        )
+        self._exhaustion = ExhaustionReporter(timeout_log_interval)
         self._pools = PoolTracker(
             self._sessions,
             emit,
@@ -177,7 +188,7 @@ class SessionMonitor:
             every_engine=not sync_engines,
             pool_name=pool_name,
             stack_depth=stack_depth if capture_stacks else 0,
-            timeout_log_interval=timeout_log_interval,
+            exhaustion=self._exhaustion,
             application_name=application_name,
         )
         self._database = DatabaseView(
@@ -258,7 +269,7 @@ class SessionMonitor:
             self._age_watcher = AgeWatcher(
                 threshold,
                 self._pools.checkouts,
-                self._sessions.leaks.held_too_long,
+                self._leaks.held_too_long,
                 self._guard.failed,
             )
             self._age_watcher.start()
@@ -269,9 +280,10 @@ class SessionMonitor:
                 self._pools.checkouts,
                 self._sessions.idle_in_transaction,
                 self._guard.failed,
+                log=self.config.log_leaks,
             )
             self._idle_sampler.start()
-        for purpose, method in _hooks.missing():
+        for purpose, method in wrappers.missing():
             # A SQLAlchemy release without one of the private methods we wrap: that piece is
             # off, everything else works.
             self._guard.count_once(
@@ -279,8 +291,8 @@ class SessionMonitor:
                 f"session_monitor cannot see {purpose}: this SQLAlchemy has no {method}. "
                 "Everything else is monitored; please report it with your SQLAlchemy version.",
             )
-        _hooks.subscribe(
-            _hooks.Subscriber(
+        wrappers.subscribe(
+            wrappers.Subscriber(
                 owner=self,
                 stack_depth=self._pools._stack_depth,
                 acquire_started=self._pools.acquire_started,
@@ -319,7 +331,7 @@ class SessionMonitor:
         if not self.instrumented:
             return
         self.instrumented = False  # a middleware already built now passes requests through
-        _hooks.unsubscribe(self)
+        wrappers.unsubscribe(self)
         self._pools.stop_following()  # listeners stay, switched off: see its docstring
         self._sessions.stop_following()
         if self._age_watcher is not None:
@@ -344,7 +356,7 @@ class SessionMonitor:
 
     def _request_finished(self, request: RequestScope) -> None:
         try:
-            self._sessions.leaks.request_finished(request)
+            self._leaks.request_finished(request)
         except Exception:
             self._guard.failed("request_end")
 
@@ -406,15 +418,15 @@ class SessionMonitor:
 
     def recent_leaks(self) -> list[tuple[float, str, SessionView]]:
         """The last leaks, oldest first: (time.time(), reason, the session)."""
-        return list(self._sessions.leaks.recent)
+        return list(self._leaks.recent)
 
     def recent_pitfalls(self) -> list[Pitfall]:
         """The last pitfalls caught, oldest first (README, Pitfalls)."""
-        return list(self._sessions.pitfalls.recent)
+        return list(self._pitfalls.recent)
 
     def pool_events(self) -> list[PoolEvent]:
         """The last pool timeouts and cancelled waits, newest last, with who held the pool."""
-        return list(self._pools.exhaustion.recent)
+        return list(self._exhaustion.recent)
 
     # -- introspection, for tests and the benchmark --------------------------------------------
 

@@ -79,4 +79,5 @@ def pytest_configure(config: pytest.Config) -> None:
         # Imported only now: a run without the option never imports SQLAlchemy through here.
         from ._pytest_leaks import LeakGuard
 
-        config.pluginmanager.register(LeakGuard(config, capture_stacks=stacks), LeakGuard.name)
+        guard = LeakGuard(config, capture_stacks=stacks, allow_marker=ALLOW_LEAKS)
+        config.pluginmanager.register(guard, LeakGuard.name)

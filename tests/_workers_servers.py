@@ -25,7 +25,7 @@ import httpx
 import pytest
 from _e2e_servers import HOST, Servers, eventually, free_port, workers_of
 
-from session_monitor.workers import SOCKET_DIRECTORY
+from session_monitor.web.workers import SOCKET_DIRECTORY
 
 WORKERS = 3
 PAGE = "/_session_monitor"

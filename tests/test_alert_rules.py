@@ -10,7 +10,7 @@ import pytest
 import yaml
 from _promtool import run_promtool
 
-from session_monitor.pitfalls import KINDS
+from session_monitor.findings.pitfalls import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))

@@ -137,7 +137,7 @@ async def test_uninstrument_removes_hooks_middleware_and_metrics_and_silences_li
     make_engine: Callable[..., Engine], sqlite_url: str, registry: CollectorRegistry
 ) -> None:
     engine = make_engine(sqlite_url)
-    from session_monitor import _hooks
+    from session_monitor.hooks import wrappers as _hooks
 
     # Another monitor may be alive in this process (importing example_app.app builds one):
     # "restored" means as they were before this test.

@@ -371,7 +371,7 @@ async def test_listener_failure_is_counted_and_the_request_succeeds(
     make_monitor: Callable[..., SessionMonitor],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from session_monitor.multiprocess import PrometheusMetrics
+    from session_monitor.exporters.multiprocess import PrometheusMetrics
 
     class Broken(PrometheusMetrics):  # an observer with a bug in one event
         def session_opened(self, session: Any) -> None:
@@ -405,7 +405,7 @@ async def test_scrape_time_collector_equals_prometheus_client_metrics(
     from fastapi.responses import PlainTextResponse
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    from session_monitor.multiprocess import PrometheusMetrics
+    from session_monitor.exporters.multiprocess import PrometheusMetrics
 
     engine = make_engine(sqlite_url, pool_size=2, max_overflow=0, pool_timeout=0.3)
     test_app = build_app(engine)

@@ -18,7 +18,7 @@ from dashboard_queries import (
     substitute,
 )
 
-from session_monitor.metric_table import ALL_METRICS, POOL_LABEL, STATE_LABEL
+from session_monitor.exporters.metric_table import ALL_METRICS, POOL_LABEL, STATE_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"
@@ -246,7 +246,7 @@ def test_panels_do_not_overlap() -> None:
 
 
 def test_contract_is_the_metrics_table() -> None:
-    """The lists above are session_monitor.metric_table.ALL_METRICS: a new metric needs a panel."""
+    """The lists above are session_monitor.exporters.metric_table.ALL_METRICS: a new metric needs a panel."""
     names = {spec.name + ("_total" if spec.kind == "counter" else "") for spec in ALL_METRICS}
     assert names == CONTRACT, (
         f"not in the lists of this test: {sorted(names - CONTRACT)}; "

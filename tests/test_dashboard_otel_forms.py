@@ -51,7 +51,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import QueuePool
 
 from session_monitor import SessionMonitor
-from session_monitor.metric_table import POOL_LABEL, STATE_LABEL
+from session_monitor.exporters.metric_table import POOL_LABEL, STATE_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD_PATH = ROOT / "grafana" / "dashboards" / "session_monitor.json"

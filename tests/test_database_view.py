@@ -22,7 +22,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from session_monitor import SessionMonitor
-from session_monitor.server_holders import IDLE_IN_TRANSACTION, LOCK_WAIT, RUNNING
+from session_monitor.findings.server_holders import IDLE_IN_TRANSACTION, LOCK_WAIT, RUNNING
 
 pytestmark = pytest.mark.postgres
 HERE = Path(__file__)

@@ -406,7 +406,7 @@ def test_a_failing_statement_listener_is_counted_and_the_statement_runs(
 ) -> None:
     from opentelemetry.sdk.trace import TracerProvider
 
-    from session_monitor.tracing import OpenTelemetryObserver
+    from session_monitor.exporters.tracing import OpenTelemetryObserver
 
     engine = make_engine(sqlite_url)
     monitor = make_monitor(engine, registry=registry, tracer_provider=TracerProvider())

@@ -39,7 +39,9 @@ from test_core import assert_balanced, client
 from test_pool_identity import SQLITE_POOL, gauges
 from test_tracing import otel_series
 
-from session_monitor import SessionMonitor, _hooks, stacks
+from session_monitor import SessionMonitor
+from session_monitor.hooks import stacks
+from session_monitor.hooks import wrappers as _hooks
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.fork as gunicorn uses it"),

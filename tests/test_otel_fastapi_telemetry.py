@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from session_monitor import SessionMonitor, pool_name_for
-from session_monitor.otel_spans import connection_attributes
+from session_monitor.exporters.otel_spans import connection_attributes
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -13,7 +13,7 @@ import pytest
 from conftest import POSTGRES_ENV
 from sqlalchemy.engine import make_url
 
-from session_monitor.naming import pool_name_for
+from session_monitor.state.naming import pool_name_for
 
 pytest_plugins = ["pytester"]
 
@@ -283,7 +283,7 @@ def test_a_clean_run_says_it_checked(pytester: pytest.Pytester) -> None:
 
 
 IDLE_CHECK = """
-from session_monitor import _hooks
+from session_monitor.hooks import wrappers as _hooks
 
 
 def test_the_plugin_is_idle(request):

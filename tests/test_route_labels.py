@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from session_monitor import SessionMonitor
-from session_monitor.context import RequestScope
+from session_monitor.state.context import RequestScope
 
 pytestmark = pytest.mark.anyio
 

@@ -7,10 +7,10 @@ import sys
 from bisect import bisect_left
 from pathlib import Path
 
-from session_monitor.database_view import live_workers
-from session_monitor.server_view import ServerLimits
-from session_monitor.sizing import PoolFacts, advice, percentile
-from session_monitor.stats import WAIT_BUCKETS, Histogram
+from session_monitor.findings.database_view import live_workers
+from session_monitor.findings.server_view import ServerLimits
+from session_monitor.findings.sizing import PoolFacts, advice, percentile
+from session_monitor.state.stats import WAIT_BUCKETS, Histogram
 
 
 def waits(*seconds: float) -> Histogram:

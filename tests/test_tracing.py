@@ -903,7 +903,7 @@ def test_opentelemetry_off_never_imports_tracing_or_opentelemetry() -> None:
         with Session(engine) as session:
             session.execute(text("select 1"))
         monitor.uninstrument()
-        print(sorted(m for m in sys.modules if m.startswith(("opentelemetry", "session_monitor.tracing"))))
+        print(sorted(m for m in sys.modules if m.startswith(("opentelemetry", "session_monitor.exporters.tracing"))))
         """
     )
     assert out == "[]"
@@ -944,7 +944,7 @@ def test_providers_fall_back_to_the_global_ones() -> None:
 def test_uninstrument_silences_the_statement_listeners(
     stack: Stack, otel: Otel, sqlalchemy_instrumentor: SQLAlchemyInstrumentor
 ) -> None:
-    from session_monitor.tracing import OpenTelemetryObserver
+    from session_monitor.exporters.tracing import OpenTelemetryObserver
 
     (observer,) = [o for o in stack.monitor.observers if isinstance(o, OpenTelemetryObserver)]
     listeners: list[tuple[str, Callable[..., Any]]] = [

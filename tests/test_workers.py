@@ -45,7 +45,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from session_monitor import SessionMonitor
-from session_monitor.workers import SOCKET_DIRECTORY, ask_workers
+from session_monitor.web.workers import SOCKET_DIRECTORY, ask_workers
 
 RECENT = 20  # the leaks, pitfalls and pool events each worker keeps for the page
 # The page's keys in one process, as before workers were shown.

@@ -67,7 +67,7 @@ REQUIRED = ("tests/test_tutorial/", "docs_src/")
 # which httpx 0.27 deprecates; FastAPI's own tests then ran on an older httpx.
 OLD_TESTCLIENT = "ignore:The 'app' shortcut is now deprecated:DeprecationWarning"
 PIP_TIMEOUT = 600
-UNMATCHED = "<unmatched>"  # session_monitor.naming.UNMATCHED_ROUTE: no route matched
+UNMATCHED = "<unmatched>"  # session_monitor.state.naming.UNMATCHED_ROUTE: no route matched
 
 
 # -- the tests ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat, QueryEditorMode
 
-from session_monitor import metric_table as metrics
+from session_monitor.exporters import metric_table as metrics
 from session_monitor.exporters.metric_table import POOL_LABEL, STATE_LABEL, MetricSpec
 
 ROOT = Path(__file__).resolve().parents[1]

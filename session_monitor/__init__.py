@@ -8,7 +8,7 @@
     monitor = SessionMonitor(engine)           # or SessionMonitor() for every engine
     monitor.instrument_app(app)                # pure-ASGI middleware and /metrics
 
-See the README for every metric, the leak definitions and their limits.
+See docs/metrics.md and docs/counting.md for every metric, the leak definitions and their limits.
 """
 
 from __future__ import annotations

@@ -421,7 +421,7 @@ class SessionMonitor:
         return list(self._leaks.recent)
 
     def recent_pitfalls(self) -> list[Pitfall]:
-        """The last pitfalls caught, oldest first (README, Pitfalls)."""
+        """The last pitfalls caught, oldest first (docs/pitfalls.md)."""
         return list(self._pitfalls.recent)
 
     def pool_events(self) -> list[PoolEvent]:

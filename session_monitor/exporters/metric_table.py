@@ -226,7 +226,7 @@ PITFALLS = MetricSpec(
     "sqlalchemy_session_pitfalls",
     "counter",
     "Sessions caught in a tutorial pitfall, by kind: shared_session, blocking_event_loop, "
-    "uncommitted_changes, nested_checkout (README, Pitfalls).",
+    "uncommitted_changes, nested_checkout (docs/pitfalls.md).",
     ("kind", *SESSION),
     otel_name="session_monitor.session.pitfalls",
     unit="{occurrence}",

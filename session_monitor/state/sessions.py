@@ -1,6 +1,6 @@
 """Sessions, ORM and Core, and their transactions: open, close, outcome.
 
-Definitions (see the README): an ORM Session is *opened* when it first asks for a connection
+Definitions (see docs/counting.md): an ORM Session is *opened* when it first asks for a connection
 (its first statement or flush) and *closed* by ``close()``, ``invalidate()``, ``reset()``, the
 end of its ``with`` block, or the garbage collector. A Core Connection the app checks out itself
 is a session from checkout to checkin. A session that never touches the database holds nothing

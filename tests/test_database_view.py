@@ -3,6 +3,7 @@ wait and behind whom, idle in transaction), the pool-timeout report, failures th
 of the report, tagging, and connections the pool lost."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
+from _apps import closing_get_db
 from conftest import line_of, total
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -48,6 +50,23 @@ def locked_row(postgres_url: str) -> Iterator[str]:
         admin.execute(f"drop table if exists {table}")
 
 
+@contextlib.contextmanager
+def login_role(postgres_url: str, *, limit: int = -1, tables: tuple[str, ...] = ()) -> Iterator[str]:
+    """A login role of its own (with a CONNECTION LIMIT, rights on `tables`), dropped after:
+    yields the URL that connects as it."""
+    role = f"sm_role_{uuid.uuid4().hex[:8]}"
+    with _admin(postgres_url) as admin:
+        admin.execute(f"create role {role} login connection limit {int(limit)}")
+        for table in tables:
+            admin.execute(f"grant all on {table} to {role}")
+    try:
+        yield make_url(postgres_url).set(username=role, password=None).render_as_string(False)
+    finally:
+        with _admin(postgres_url) as admin:
+            admin.execute(f"drop owned by {role}")
+            admin.execute(f"drop role if exists {role}")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -58,14 +77,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 def build_app(engine: Engine, table: str, release: threading.Event) -> FastAPI:
     app = FastAPI()
-    session_factory = sessionmaker(engine)
-
-    def get_db() -> Iterator[Session]:
-        db = session_factory()
-        try:
-            yield db
-        finally:
-            db.close()
+    get_db = closing_get_db(sessionmaker(engine))
 
     @app.get("/reports/{report_id}")
     def report(report_id: int, db: Annotated[Session, Depends(get_db)]) -> dict[str, int]:
@@ -333,33 +345,29 @@ def test_a_server_without_a_free_slot_leaves_the_rest_of_the_report(
     make_monitor: Callable[..., SessionMonitor],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    role = f"sm_role_{uuid.uuid4().hex[:8]}"
-    with _admin(postgres_url) as admin:
-        admin.execute(f"create role {role} login connection limit 2")
-    url = make_url(postgres_url).set(username=role, password=None)
-    engine = create_engine(url, pool_size=2, max_overflow=0, pool_timeout=0.5)
-    try:
-        with caplog.at_level(logging.INFO, logger="session_monitor"):
-            monitor = make_monitor(engine, registry=registry)
-            with engine.connect() as first:  # held-first
-                first.execute(text("select 1"))
-                # The startup check found the role's limit: 2 allowed, 2 may be opened.
-                wait_until(lambda: any("fits" in r.getMessage() for r in caplog.records))
-                with engine.connect() as second:
-                    second.execute(text("select 1"))
-                    with pytest.raises(Exception, match="QueuePool limit"):
-                        engine.connect()
-                    wait_until(lambda: bool(_exhausted(caplog)))
-                    (pool,) = monitor.database_report()
-    finally:
-        engine.dispose()
-        with _admin(postgres_url) as admin:
-            admin.execute(f"drop role if exists {role}")
+    with login_role(postgres_url, limit=2) as url:
+        engine = create_engine(url, pool_size=2, max_overflow=0, pool_timeout=0.5)
+        try:
+            with caplog.at_level(logging.INFO, logger="session_monitor"):
+                monitor = make_monitor(engine, registry=registry)
+                with engine.connect() as first:  # held-first
+                    first.execute(text("select 1"))
+                    # The startup check found the role's limit: 2 allowed, 2 may be opened.
+                    wait_until(lambda: any("fits" in r.getMessage() for r in caplog.records))
+                    with engine.connect() as second:
+                        second.execute(text("select 1"))
+                        with pytest.raises(Exception, match="QueuePool limit"):
+                            engine.connect()
+                        wait_until(lambda: bool(_exhausted(caplog)))
+                        (pool,) = monitor.database_report()
+        finally:
+            engine.dispose()
+        role = make_url(url).username
     (message,) = _exhausted(caplog)
     assert f"opened at {HERE}:{line_of(HERE, 'held-first')}" in message  # the app side
     assert "unavailable: no free connection slot at the server" in message
     server_part = message.split("The server's view:")[1]
-    assert role not in server_part and "127.0.0.1" not in server_part  # not the driver's words
+    assert role and role not in server_part and "127.0.0.1" not in server_part  # not the driver's words
     assert pool["error"].startswith("no free connection slot")
     # One read failed: the report reused it (a server with no free slot is not asked again
     # within server_view_interval).
@@ -450,40 +458,34 @@ def test_a_role_without_pg_read_all_stats_still_classifies_its_own_holders(
     registry: CollectorRegistry,
     make_monitor: Callable[..., SessionMonitor],
 ) -> None:
-    role = f"sm_role_{uuid.uuid4().hex[:8]}"
-    with _admin(postgres_url) as admin:
-        admin.execute(f"create role {role} login")
-        admin.execute(f"grant all on {locked_row} to {role}")
-    engine = create_engine(make_url(postgres_url).set(username=role, password=None), pool_size=2)
-    monitor = make_monitor(engine, registry=registry, server_view_interval=0.01)
-    outsider = _admin(postgres_url)  # a superuser's session: its state is hidden from the role
-    outsider.autocommit = False
-    outsider.execute(f"select n from {locked_row} where id = 1 for update")
+    with login_role(postgres_url, tables=(locked_row,)) as url:
+        engine = create_engine(url, pool_size=2)
+        monitor = make_monitor(engine, registry=registry, server_view_interval=0.01)
+        outsider = _admin(postgres_url)  # a superuser's session: hidden from the role
+        outsider.autocommit = False
+        outsider.execute(f"select n from {locked_row} where id = 1 for update")
 
-    def order() -> None:
-        with Session(engine) as db:
-            db.execute(text(f"update {locked_row} set n = n + 1 where id = 1"))
-            db.commit()
+        def order() -> None:
+            with Session(engine) as db:
+                db.execute(text(f"update {locked_row} set n = n + 1 where id = 1"))
+                db.commit()
 
-    waiter = threading.Thread(target=order)
-    try:
-        waiter.start()
-        wait_until(
-            lambda: any(
-                h.server is not None and h.server.status == LOCK_WAIT
-                for h in monitor.holders(server_view=True)
+        waiter = threading.Thread(target=order)
+        try:
+            waiter.start()
+            wait_until(
+                lambda: any(
+                    h.server is not None and h.server.status == LOCK_WAIT
+                    for h in monitor.holders(server_view=True)
+                )
             )
-        )
-        (holder,) = monitor.holders(server_view=True)
-        (pool,) = monitor.database_report()
-    finally:
-        outsider.rollback()
-        outsider.close()
-        waiter.join(30)
-        engine.dispose()
-        with _admin(postgres_url) as admin:
-            admin.execute(f"drop owned by {role}")
-            admin.execute(f"drop role if exists {role}")
+            (holder,) = monitor.holders(server_view=True)
+            (pool,) = monitor.database_report()
+        finally:
+            outsider.rollback()
+            outsider.close()
+            waiter.join(30)
+            engine.dispose()
     assert holder.server is not None and holder.server.root is not None
     assert holder.server.root.backend is not None and holder.server.root.backend.state is None
     assert "state not visible to this role" in "\n".join(pool["holders"])
@@ -626,20 +628,18 @@ def test_an_over_subscribed_pool_is_said_at_startup_and_its_limit_is_a_gauge(
     make_monitor: Callable[..., SessionMonitor],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    role = f"sm_role_{uuid.uuid4().hex[:8]}"
-    with _admin(postgres_url) as admin:
-        admin.execute(f"create role {role} login connection limit 3")
-    engine = create_engine(make_url(postgres_url).set(username=role, password=None))
-    try:
-        with caplog.at_level(logging.INFO, logger="session_monitor"):
-            make_monitor(engine, registry=registry)
-            with engine.connect() as connection:  # the pool's first connection: the check
-                connection.execute(text("select 1"))
-                wait_until(lambda: any("over-subscribed" in r.getMessage() for r in caplog.records))
-    finally:
-        engine.dispose()
-        with _admin(postgres_url) as admin:
-            admin.execute(f"drop role if exists {role}")
+    with login_role(postgres_url, limit=3) as url:
+        engine = create_engine(url)
+        try:
+            with caplog.at_level(logging.INFO, logger="session_monitor"):
+                make_monitor(engine, registry=registry)
+                with engine.connect() as connection:  # the pool's first connection: the check
+                    connection.execute(text("select 1"))
+                    wait_until(
+                        lambda: any("over-subscribed" in r.getMessage() for r in caplog.records)
+                    )
+        finally:
+            engine.dispose()
     (record,) = [r for r in caplog.records if "over-subscribed" in r.getMessage()]
     assert record.levelno == logging.WARNING
     assert "1 worker x (5 + 10) = 15 connections may be opened; the server allows 3 (" in record.getMessage()

@@ -143,14 +143,17 @@ def _query(
         if tagged_as is not None:
             where.append(f"application_name = {_literal(tagged_as)}")
         backends: dict[int, Backend] = {}
-        if where:
+
+        def read(condition: str) -> None:
             cursor.execute(
-                f"SELECT {_COLUMNS}, {_BLOCKERS} FROM pg_stat_activity "
-                f"WHERE pid <> pg_backend_pid() AND ({' OR '.join(where)})"
+                f"SELECT {_COLUMNS}, {_BLOCKERS} FROM pg_stat_activity WHERE {condition}"
             )
             for row in cursor.fetchall():
                 backend = _row(row, row[8])
                 backends[backend.pid] = backend
+
+        if where:
+            read(f"pid <> pg_backend_pid() AND ({' OR '.join(where)})")
         # The backends in the way, and theirs while they wait on a lock too: a lock queue is a
         # chain (waiters queue behind the first waiter, which waits for the holder).
         for _ in range(_CHAIN_ROUNDS):
@@ -158,13 +161,7 @@ def _query(
             others -= set(backends)
             if not others:
                 break
-            cursor.execute(
-                f"SELECT {_COLUMNS}, {_BLOCKERS} FROM pg_stat_activity "
-                f"WHERE pid = ANY({_pid_array(others)})"
-            )
-            for row in cursor.fetchall():
-                backend = _row(row, row[8])
-                backends[backend.pid] = backend
+            read(f"pid = ANY({_pid_array(others)})")
         limits = None
         if with_limits:
             cursor.execute(_LIMITS.replace("__PREFIX__", _literal(service_prefix or "")))

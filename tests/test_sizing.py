@@ -6,6 +6,9 @@ import subprocess
 import sys
 from bisect import bisect_left
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from session_monitor.findings.database_view import live_workers
 from session_monitor.findings.server_view import ServerLimits
@@ -122,3 +125,31 @@ def test_workers_are_counted_from_live_files_of_the_multiprocess_directory(tmp_p
             process.wait()
     assert live_workers(str(tmp_path)) == 1
     assert live_workers(None) == 0
+
+
+def test_a_pool_held_by_leaked_sessions_is_told_so_by_the_holders_and_the_sizing(
+    sqlite_url: str, make_engine: Any, make_monitor: Any
+) -> None:
+    """Through a real app: two requests leak their sessions, a third checkout times out."""
+    from _apps import build_app
+    from fastapi.testclient import TestClient
+    from prometheus_client import CollectorRegistry
+
+    engine = make_engine(sqlite_url, pool_size=2, max_overflow=0, pool_timeout=0.2)
+    monitor = make_monitor(engine, registry=CollectorRegistry())
+    test_app = build_app(engine)
+    monitor.instrument_app(test_app.app)
+    client = TestClient(test_app.app)
+    for _ in range(2):
+        assert client.get("/leak").status_code == 200
+    assert [h.activity for h in monitor.holders()] == ["leaked", "leaked"]
+    with pytest.raises(Exception, match="QueuePool limit"):
+        engine.connect()  # the pool is empty: this one times out
+    (pool,) = monitor.database_report()
+    (verdict,) = pool["advice"]
+    assert verdict.endswith(
+        "2 of the connections in use are held by leaked sessions: fix the leaks first "
+        "(the Leaks row, the holders)"
+    )
+    for session in test_app.leaked:
+        session.close()

@@ -197,7 +197,6 @@ class DatabaseView:
         connections and the sizing verdicts. `holders`: every worker's holders of the pool
         (the page's), read in one go; by default this process's."""
         reason = self.unavailable(state)
-        facts = self.facts(state)
         report: dict[str, Any] = {
             "pool_name": state.name,
             "available": reason is None,
@@ -205,28 +204,24 @@ class DatabaseView:
             "error": reason,
             "holders": [],
             "lost": [],
-            "sizing": summary(facts),
-            "advice": advice(facts),
         }
-        if reason is not None:
-            return report
-        if holders is None:
-            holders = holder_views(self._pools.checkouts(), self._pools.backend_pids())
-        holders = [h for h in holders if h.pool_name == state.name]
-        reading = self.recent(state, pids_of(holders))
-        facts = self.facts(state)  # with the limits the reading may have brought
-        with state.lock:
-            known = set(state.backends.values())
-            out_keys = {key for w in state.pools.values() for key in w.checked_out}
-            checked_out = {pid for key, pid in state.backends.items() if key in out_keys}
-        report.update(
-            error=reading.error,
-            read_at=reading.at,
-            holders=summarize(join(holders, reading), reading, self._prefix()),
-            lost=lost_connections(reading, known, checked_out, self.tagged_as()),
-            sizing=summary(facts),
-            advice=advice(facts),
-        )
+        if reason is None:
+            if holders is None:
+                holders = holder_views(self._pools.checkouts(), self._pools.backend_pids())
+            holders = [h for h in holders if h.pool_name == state.name]
+            reading = self.recent(state, pids_of(holders))
+            with state.lock:
+                known = set(state.backends.values())
+                out_keys = {key for w in state.pools.values() for key in w.checked_out}
+                checked_out = {pid for key, pid in state.backends.items() if key in out_keys}
+            report.update(
+                error=reading.error,
+                read_at=reading.at,
+                holders=summarize(join(holders, reading), reading, self._prefix()),
+                lost=lost_connections(reading, known, checked_out, self.tagged_as()),
+            )
+        facts = self.facts(state)  # after the reading: with the server's limits it brought
+        report.update(sizing=summary(facts), advice=advice(facts))
         return report
 
     def facts(self, state: PoolState) -> PoolFacts:
@@ -238,7 +233,8 @@ class DatabaseView:
                 overflows.append(pool._max_overflow)
         size = sum(sizes) if sizes else None
         overflow = None if not overflows or min(overflows) < 0 else sum(overflows)
-        kept = self._cache.get(state.name)
+        with self._lock:
+            kept = self._cache.get(state.name)
         limits = None if kept is None else kept.limits
         workers = live_workers(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         seen_by = "live workers in the multiprocess directory"
@@ -254,9 +250,7 @@ class DatabaseView:
         # Connections out now count towards the demand for as long as they have been out.
         now = time.perf_counter()
         holding = sum(now - checkout.checked_out_at for checkout in held)
-        leaked = sum(
-            1 for c in held if c.request is not None and c.request.asgi_scope is None
-        )
+        leaked = sum(1 for checkout in held if checkout.outlived_its_request)
         return PoolFacts(
             pool_name=state.name,
             pool_size=size,

@@ -95,8 +95,7 @@ def _thread_frame(thread_id: int) -> FrameType | None:
 
 def where_now(checkout: TrackedCheckout) -> tuple[str, str, tuple[Location, ...]]:
     """(holder, activity, application frames innermost first) of a checkout's holder now."""
-    request = checkout.request
-    if request is not None and request.asgi_scope is None:
+    if checkout.outlived_its_request:
         # Its request is over: whatever its thread or task does now, it is not holding this.
         return "nobody (its request ended)", "leaked", ()
     task = None if checkout.task_ref is None else checkout.task_ref()

@@ -215,5 +215,11 @@ class TrackedCheckout:
         return self.fairy_ref is not None and self.fairy_ref() is None
 
     @property
+    def outlived_its_request(self) -> bool:
+        """Whether its request is over while the connection is still out: nobody holds it."""
+        request = self.request
+        return request is not None and request.asgi_scope is None
+
+    @property
     def held_for(self) -> float:
         return time.perf_counter() - self.checked_out_at

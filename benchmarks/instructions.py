@@ -30,6 +30,7 @@ from .common import (
     core_execute,
     file_engine,
     pool_checkout,
+    raw_checkout,
     request_session,
     session_lifecycle,
 )
@@ -41,6 +42,7 @@ OPERATIONS: tuple[tuple[str, str], ...] = (
     ("core", "Core connect()+execute"),
     ("connect", "engine.connect().close()"),
     ("checkout", "pool.connect().close()"),
+    ("raw", "engine.raw_connection().close()"),
 )
 # On these, session_monitor default's added instructions must be below every peer's.
 PEER_TARGETS = ("lifecycle", "request", "core")
@@ -72,6 +74,7 @@ def _operation(key: str, db_path: str) -> Callable[[], None]:
         "core": lambda: core_execute(engine),
         "connect": lambda: core_connect(engine),
         "checkout": lambda: pool_checkout(engine),
+        "raw": lambda: raw_checkout(engine),
     }
     operation = made[key]()
     operation.engine = engine  # type: ignore[attr-defined]

@@ -15,6 +15,10 @@
   good (``Engine._has_events`` is never reset); these calls happen once per transaction.
 - ``Transaction.close``: a root transaction closed without commit or rollback is rolled back by
   SQLAlchemy; that rollback is the outcome ``close`` (the normal read path), not ``rollback``.
+- ``_ConnectionRecord.checkin``: the pool takes a connection back. The checkout a monitor counted
+  is kept on the pool's connection record (`CHECKOUT_ATTRIBUTE`) until then, so the checkin finds
+  it with one attribute read, and a pool's ``checkin`` listener would send every checkin of that
+  engine through SQLAlchemy's event dispatch. A record no monitor counted costs one dict lookup.
 - ``Connection._handle_dbapi_exception``: a statement failed (there is no event without putting
   every statement on the slower path); the transaction it failed in ends as ``rollback``. It runs
   only when a statement fails.
@@ -47,6 +51,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Engine, RootTransaction, Transaction
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
 from .forking import new_lock
@@ -328,6 +333,24 @@ def _handle_dbapi_exception(self: Connection, *args: Any, **kw: Any) -> Any:
     return _orig_handle_dbapi_exception(self, *args, **kw)
 
 
+# The attribute of a pool's `_ConnectionRecord` that holds the checkout counted for it while it is
+# out: our record, referred to by SQLAlchemy's, never the other way round. Its `watched` is the
+# pool that counted it; `next_checkout` a second monitor's of the same checkout.
+CHECKOUT_ATTRIBUTE = "_session_monitor_checkout"
+
+
+def _record_checkin(self: Any, _fairy_was_created: bool = True) -> None:
+    # SQLAlchemy checks the record in once per checkout; a second checkin it refuses (a warning)
+    # finds no checkout here either, since the first took it.
+    checkout = self.__dict__.pop(CHECKOUT_ATTRIBUTE, None)
+    if checkout is not None:
+        back_to_idle = self.dbapi_connection is not None  # none after an invalidation
+        while checkout is not None:
+            checkout.watched.checked_in(checkout, back_to_idle)
+            checkout = checkout.next_checkout
+    _orig_record_checkin(self, _fairy_was_created)
+
+
 def _async_session_close(self: Any) -> Any:
     # A plain function that returns the original's coroutine: it runs where the app (or the
     # session's __aexit__) calls close(), the one place the exception on its way out is seen.
@@ -373,6 +396,10 @@ GROUPS: tuple[tuple[str, tuple[tuple[type, str, Callable[..., Any], str], ...]],
             ),
             (Session, "_close_impl", _close_impl, "_orig_close_impl"),
         ),
+    ),
+    (
+        "pool checkins",
+        ((_ConnectionRecord, "checkin", _record_checkin, "_orig_record_checkin"),),
     ),
     (
         "changes flushed and never committed (the uncommitted_changes pitfall)",
@@ -421,7 +448,14 @@ _orig_commit_impl: Any = None
 _orig_rollback_impl: Any = None
 _orig_transaction_close: Any = None
 _orig_handle_dbapi_exception: Any = None
+_orig_record_checkin: Any = None
 _orig_async_session_close: Any = None
+
+
+def wraps_checkin() -> bool:
+    """Whether this SQLAlchemy has the method the checkin hook wraps; without it, the pool
+    trackers listen to the pools' checkin event instead."""
+    return callable(_ConnectionRecord.__dict__.get("checkin"))
 
 
 def missing() -> list[tuple[str, str]]:

@@ -42,7 +42,14 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool
 from ..hooks.forking import Stage, in_child, new_lock
 from ..hooks.guard import Guard
 from ..hooks.stacks import application_location, format_location
-from ..hooks.wrappers import Acquisition, acquiring_session, in_greenlet, install_new_groups
+from ..hooks.wrappers import (
+    CHECKOUT_ATTRIBUTE,
+    Acquisition,
+    acquiring_session,
+    in_greenlet,
+    install_new_groups,
+    wraps_checkin,
+)
 from .backends import ApplicationNameTagger, backend_pid
 from .context import current_request, serving_no_request
 from .naming import pool_name_for
@@ -183,7 +190,7 @@ class PoolTracker:
             watched = state.pools.get(key)
             if watched is None or watched.pool_ref() is not pool:
                 ref = weakref.ref(pool, partial(self._pool_collected, state, key))
-                watched = state.pools[key] = WatchedPool(pool, state, ref)
+                watched = state.pools[key] = WatchedPool(pool, state, ref, self.checked_in)
         return watched
 
     def _pool_collected(self, state: PoolState, key: int, ref: weakref.ref[Pool]) -> None:
@@ -321,9 +328,11 @@ class PoolTracker:
         listen = event.listen
         listen(engine, "do_connect", bind("do_connect", self._do_connect_evt))
         listen(engine, "connect", bind("connect", self._connect_evt))
-        # Checkouts are counted by the raw_connection hook (`acquire_finished`). The checkin,
-        # on every use of a connection, guards itself: no frame between.
-        listen(engine, "checkin", partial(self._checkin_evt, entry))
+        # Checkouts are counted by the raw_connection hook (`acquire_finished`), checkins by the
+        # connection record's checkin hook (`checked_in`); the event only where that method is
+        # gone, guarding itself: no frame between.
+        if not wraps_checkin():
+            listen(engine, "checkin", partial(self._checkin_evt, entry))
         listen(engine, "close", bind("close", self._close_evt))
         listen(engine, "detach", bind("detach", self._detach_evt))
         listen(engine, "invalidate", bind("invalidate", self._invalidate_evt))
@@ -369,7 +378,7 @@ class PoolTracker:
                 self._pending(watched, -1)
             if proxy is not None:
                 if self.following:
-                    self._checked_out(watched, id(proxy._connection_record), proxy, current)
+                    self._checked_out(watched, proxy._connection_record, proxy, current)
             elif isinstance(failure, exc.TimeoutError):
                 self._timed_out(watched, perf_counter() - current.started)
             elif pending and isinstance(failure, CancelledError):
@@ -384,51 +393,68 @@ class PoolTracker:
         self._emit.pool_capacity(state.name, state.maximum())
 
     def _checked_out(
-        self, watched: WatchedPool, key: int, proxy: Any, current: Acquisition
+        self, watched: WatchedPool, record: Any, proxy: Any, current: Acquisition
     ) -> None:
         now = perf_counter()
         state = watched.label
-        wait = now - current.started
+        key = id(record)
         request = current_request.get()
         ref = acquiring_session.get()
-        sessions = self._sessions
         if ref is not None:
             orm_session = ref()
-            owner = None if orm_session is None else sessions.tracked(orm_session)
+            owner = None if orm_session is None else self._sessions.tracked(orm_session)
         elif current.core:
             # Checked out by the app through Core: the connection is the session.
             stack = current.stack[: self._stack_depth] if self._stack_depth else ()
-            owner = sessions.open("connection", state, current.location, stack, request)
+            owner = self._sessions.open("connection", state, current.location, stack, request)
         else:
             owner = None
-        checkout = TrackedCheckout(state.name, key, owner, request, now)
+        checkout = TrackedCheckout(watched, key, owner, request, now)
         if owner is not None:
-            sessions.attach(checkout, proxy)
+            self._sessions.attach(checkout, proxy)
             # A sync session on the event loop's thread (the task is known only there), while
             # the app serves requests: a lifespan's startup and shutdown block none.
             if checkout.task_ref is not None:
                 checkout.blocking = not in_greenlet() and not serving_no_request()
+        # Kept with the pool's record until its checkin hook hands it back (`checked_in`).
+        attributes = record.__dict__
+        previous = attributes.get(CHECKOUT_ATTRIBUTE)
+        if previous is not None and not previous.returned:
+            checkout.next_checkout = previous  # another monitor's count of this checkout
+        attributes[CHECKOUT_ATTRIBUTE] = checkout
+        wait = now - current.started
         stats = state.stats
         histogram = stats.wait
         bucket = bisect_left(histogram.bounds, wait)
-        idle = watched.idle
+        emit = self._emit
         with state.lock:
             checked_out = watched.checked_out
             if key not in checked_out:
-                state.used += 1
+                used = state.used = state.used + 1
+                if used > stats.peak_used:
+                    stats.peak_used = used
             checked_out[key] = checkout
-            if state.used > stats.peak_used:
-                stats.peak_used = state.used
-            if key in idle:
-                del idle[key]
+            if not watched.counts_itself:
+                watched.idle.pop(key, None)
             histogram.counts[bucket] += 1
             histogram.sum += wait
-            if self._emit is not None:
+            if emit is not None:
                 self._publish_usage(state)
-        if self._emit is not None:
-            self._emit.connection_checked_out(checkout.view(), wait)
+        if emit is not None:
+            emit.connection_checked_out(checkout.view(), wait)
+
+    def checked_in(self, checkout: TrackedCheckout, back_to_idle: bool) -> None:
+        """The pool takes back a connection this tracker counted out (the connection record's
+        checkin hook, which found the checkout on the record): its use counted."""
+        if checkout.returned:  # counted back already: at uninstrument, or in a forked child
+            return
+        try:
+            self._taken_back(checkout.watched, checkout.record_key, back_to_idle=back_to_idle)
+        except Exception:
+            self._guard.failed("checkin")
 
     def _checkin_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
+        # The checkin event, where SQLAlchemy lacks the method the checkin hook wraps.
         if not self.following:
             return
         try:
@@ -446,6 +472,7 @@ class PoolTracker:
 
     def _detach_evt(self, entry: EnginePool, dbapi_connection: Any, record: Any) -> None:
         key = id(record)
+        record.__dict__.pop(CHECKOUT_ATTRIBUTE, None)  # a detached record is never checked in
         state = entry.state
         if state.backends:
             with state.lock:
@@ -454,56 +481,44 @@ class PoolTracker:
         if watched is not None:
             self._taken_back(watched, key, back_to_idle=False)
 
-    def _release(
-        self, watched: WatchedPool, key: int, back_to_idle: bool, now: float
-    ) -> TrackedCheckout | None:
-        """The pool's side of a connection taken back: out of the used ones, into the idle
-        ones (of a pool that does not count them itself), its use counted once."""
-        state = watched.label
-        checked_out, idle = watched.checked_out, watched.idle
-        checkout = checked_out.get(key)
-        held = 0.0 if checkout is None else now - checkout.checked_out_at
-        histogram = state.stats.use
-        bucket = bisect_left(histogram.bounds, held)
-        to_idle = back_to_idle and not watched.counts_itself
-        with state.lock:
-            if key in checked_out:
-                del checked_out[key]
-                state.used -= 1
-                if checkout is not None:
-                    histogram.counts[bucket] += 1
-                    histogram.sum += held
-            if to_idle:
-                idle[key] = None
-            elif key in idle:
-                del idle[key]
-        return checkout
-
     def _taken_back(self, watched: WatchedPool, key: int, *, back_to_idle: bool) -> None:
-        """The pool has a connection back (checkin) or lets it go (detach, invalidation): count
-        its use."""
+        """The pool has a connection back (checkin) or lets it go (detach, invalidation): out of
+        the used ones, into the idle ones (of a pool that does not count them itself), its use
+        counted once."""
         now = perf_counter()
-        checkout = self._release(watched, key, back_to_idle, now)
-        if self._emit is not None:
-            state = watched.label
-            with state.lock:
-                # The checkin event comes before the pool puts the connection back.
+        state = watched.label
+        emit = self._emit
+        held = 0.0
+        with state.lock:
+            checkout = watched.checked_out.pop(key, None)
+            if checkout is not None:
+                state.used -= 1
+                held = now - checkout.checked_out_at
+                histogram = state.stats.use
+                histogram.counts[bisect_left(histogram.bounds, held)] += 1
+                histogram.sum += held
+            if not watched.counts_itself:
+                if back_to_idle:
+                    watched.idle[key] = None
+                else:
+                    watched.idle.pop(key, None)
+            if emit is not None:
+                # The checkin comes before the pool puts the connection back.
                 self._publish_usage(state, watched if back_to_idle else None)
         if checkout is None or checkout.returned:
             return
-        held = now - checkout.checked_out_at
         checkout.returned = True
-        if self._emit is not None:
-            self._emit.connection_checked_in(checkout.view(), held)
-        if checkout.blocking and checkout.owner is not None:
-            owner = checkout.owner
+        if emit is not None:
+            emit.connection_checked_in(checkout.view(), held)
+        owner = checkout.owner
+        if checkout.blocking and owner is not None:
             self._sessions.pitfalls.found(
                 "blocking_event_loop",
                 owner,
                 owner.view.location,
                 f"held on the event loop's thread for {held:.3f}s, which blocked it up to then",
             )
-        if checkout.owner is not None or checkout.transaction_started_at is not None:
+        if owner is not None or checkout.transaction_started_at is not None:
             self._sessions.returned(checkout, held)
 
     # -- a connection's own life: opened, closed, invalidated (never per checkout) ---------

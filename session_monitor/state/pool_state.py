@@ -130,6 +130,7 @@ class WatchedPool:
     __slots__ = (
         "__weakref__",
         "bound",
+        "checked_in",
         "checked_out",
         "counts_itself",
         "idle",
@@ -138,8 +139,17 @@ class WatchedPool:
         "pool_ref",
     )
 
-    def __init__(self, pool: Pool, label: PoolState, pool_ref: weakref.ref[Pool]) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        label: PoolState,
+        pool_ref: weakref.ref[Pool],
+        checked_in: Callable[[TrackedCheckout, bool], None],
+    ) -> None:
         self.pool_ref = pool_ref
+        # The tracker's count of a checkout the pool takes back (`PoolTracker.checked_in`),
+        # called by the connection record's checkin hook, which finds the checkout alone.
+        self.checked_in = checked_in
         self.label = label
         self.bound = capacity(pool)  # a pool's size and overflow are fixed when it is made
         # A QueuePool knows its idle connections; other pools' are followed by their events.

@@ -20,6 +20,7 @@ from .naming import UNMATCHED_ROUTE, WEBSOCKET_METHOD, method_label, route_label
 from .views import CheckoutView, SessionKind, SessionView
 
 if TYPE_CHECKING:
+    from .pool_state import WatchedPool
     from .stats import SessionStats
 
 _session_ids = itertools.count(1)
@@ -180,16 +181,19 @@ class TrackedCheckout:
     away_since: float | None = None
     idle_reported: float | None = None  # the start of the transaction reported idle
     blocking = False  # a sync session's, made on the event loop's thread (pitfalls.py)
+    # Another monitor's count of the same checkout, on the same connection record.
+    next_checkout: TrackedCheckout | None = None
 
     def __init__(
         self,
-        pool_name: str,
+        watched: WatchedPool,
         record_key: int,
         owner: TrackedSession | None,
         request: RequestScope | None,
         checked_out_at: float,
     ) -> None:
-        self.pool_name = pool_name
+        self.watched = watched  # the pool object it came from, which counts it back
+        self.pool_name = watched.label.name
         self.record_key = record_key
         self.owner = owner
         self.request = request

@@ -294,9 +294,9 @@ class SessionMonitor:
         wrappers.subscribe(
             wrappers.Subscriber(
                 owner=self,
-                stack_depth=self._pools._stack_depth,
                 acquire_started=self._pools.acquire_started,
                 acquire_finished=self._pools.acquire_finished,
+                acquire_failed=self._pools.acquire_failed,
                 session_acquiring=self._sessions.session_acquiring,
                 session_closing=self._sessions.session_closing,
                 session_flushed=self._sessions.session_flushed,

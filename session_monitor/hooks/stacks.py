@@ -184,19 +184,22 @@ def _location(frame: FrameType) -> Location:
 def application_location(frame: FrameType | None) -> Location | None:
     """Return the innermost application frame at or above `frame`, one of the current thread."""
     start = frame
-    crossed = False
     known = _kinds.get
-    while frame is not None:
-        code = frame.f_code
-        filename = code.co_filename
-        kind = known(filename)
-        if kind is None:
-            kind = _kind(filename)
-        if not kind:  # _APPLICATION
-            return (filename, frame.f_lineno, code.co_name)
-        frame = frame.f_back
-        if frame is None and not crossed:
-            crossed, frame = True, _outer_frame()
+    crossed = False
+    while True:
+        # On every session's first checkout: a few steps per frame (a file seen before is one
+        # dict lookup), the greenlet's parent looked at only where the chain ends.
+        while frame is not None:
+            code = frame.f_code
+            kind = known(code.co_filename)
+            if kind is None:
+                kind = _kind(code.co_filename)
+            if kind == _APPLICATION:
+                return (code.co_filename, frame.f_lineno, code.co_name)
+            frame = frame.f_back
+        if crossed:
+            break
+        crossed, frame = True, _outer_frame()
     # Rare (an app installed like a library): walked again rather than slowing every walk.
     stand_in = application_stack(start, 1)
     return stand_in[0] if stand_in else None

@@ -55,19 +55,21 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.util.concurrency import in_greenlet as _sqlalchemy_in_greenlet
 
 from .forking import new_lock
-from .stacks import Location, application_location, application_stack
 
 
 class Subscriber(NamedTuple):
     """What one monitor has the hooks call; each of these guards itself and never raises."""
 
     owner: object  # the monitor, which unsubscribes by itself
-    stack_depth: int  # application frames to keep where a Core connection opens; 0 = one line
-    # engine -> a token for acquire_finished, or None when the monitor does not watch it.
+    # engine -> a token for acquire_finished or acquire_failed, or None when the monitor does
+    # not watch it.
     acquire_started: Callable[[Engine], Any]
-    # (token, the acquisition, the pool's connection proxy it returned or None, the exception
-    # the checkout raised or None)
-    acquire_finished: Callable[[Any, Acquisition, Any, BaseException | None], None]
+    # (token, perf_counter() when it began waiting, the pool's connection proxy, the frame that
+    # called raw_connection(): Connection.__init__ for a Core connection or a session's; None
+    # when the wrapper is a greenlet's first frame). The frame is for that call only.
+    acquire_finished: Callable[[Any, float, Any, FrameType | None], None]
+    # (token, perf_counter() when it began waiting, the exception the checkout raised)
+    acquire_failed: Callable[[Any, float, BaseException], None]
     session_acquiring: Callable[[Session, Any, FrameType | None], None]
     session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
     session_flushed: Callable[[Session], None]
@@ -80,22 +82,14 @@ class Subscriber(NamedTuple):
     statement_failed: Callable[[Connection], None]
 
 
-class Acquisition(NamedTuple):
-    """One raw_connection() call: when it began and, for the app's own Core connection, where."""
-
-    started: float  # perf_counter() when it began waiting
-    core: bool  # made by Connection() outside an ORM session: the app's own Core connection
-    location: Location | None  # where the app opened it (Core only)
-    stack: tuple[Location, ...]
-
-
 # The ORM Session whose root transaction is acquiring a connection right now, weakly.
 acquiring_session: ContextVar[weakref.ref[Session] | None] = ContextVar(
     "session_monitor_acquiring", default=None
 )
 
-_CONNECTION_INIT = Connection.__init__.__code__
-_new_tuple = tuple.__new__
+# The code of Connection.__init__: a raw_connection() called from it opens a Core connection,
+# the app's own unless an ORM session is acquiring it (`acquiring_session`).
+CONNECTION_INIT = Connection.__init__.__code__
 
 _subscribers: tuple[Subscriber, ...] = ()
 _lock = new_lock()  # free again in a forked child
@@ -181,69 +175,57 @@ def exception_leaving(caller: FrameType | None) -> bool:
 # -- the wrappers ------------------------------------------------------------------------------
 
 
-def _raw_connection(self: Engine, *args: Any, **kw: Any) -> Any:
+def _raw_connection(self: Engine) -> Any:
     # Called by Connection() for engine.connect() and sessions; by the app for a raw DBAPI
-    # connection, which is no session.
+    # connection, which is no session. The frame it was called from goes to the monitors after
+    # the checkout: f_back, not _getframe(1), since the wrapper may be a greenlet's first frame
+    # (AsyncEngine's raw_connection() runs it through greenlet_spawn), where there is no caller.
     subscribers = _subscribers
-    if len(subscribers) == 1:  # the common case, without building a list
-        subscriber = subscribers[0]
-        token = subscriber.acquire_started(self)
-        if token is None:
-            return _orig_raw_connection(self, *args, **kw)
-        watched: tuple[tuple[Subscriber, Any], ...] = ((subscriber, token),)
-        depth = subscriber.stack_depth
-    else:
-        watched = tuple((s, t) for s in subscribers if (t := s.acquire_started(self)) is not None)
-        if not watched:
-            return _orig_raw_connection(self, *args, **kw)
-        depth = max(subscriber.stack_depth for subscriber, _ in watched)
-    # f_back, not _getframe(1): the wrapper may be a greenlet's first frame (AsyncEngine's
-    # raw_connection() runs it through greenlet_spawn), where there is no caller.
-    current = _acquisition(sys._getframe().f_back, depth)
-    fairy: Any = None
-    failure: BaseException | None = None
-    try:
-        fairy = _orig_raw_connection(self, *args, **kw)
-        return fairy
-    except BaseException as error:
-        failure = error
-        raise
-    finally:
-        # The checkout is counted here, with the pool's proxy in hand, rather than in the
-        # pool's checkout event: a checkout listener puts every checkout on the pool's slower
-        # path, and the wait, the session and where a Core connection opened are all known
-        # here without a ContextVar. Pool.connect() called directly, past the engine, is
-        # counted neither here nor at its checkin (see PoolTracker._taken_back).
-        for subscriber, token in watched:
-            subscriber.acquire_finished(token, current, fairy, failure)
-        fairy = failure = None  # no reference cycle through the traceback
-
-
-def _acquisition(caller: FrameType | None, depth: int) -> Acquisition:
-    # tuple.__new__ rather than Acquisition(...): a NamedTuple's own __new__ is a Python
-    # function, and this runs on every checkout.
+    if len(subscribers) != 1:
+        return _raw_connection_for_many(self, subscribers)
+    subscriber = subscribers[0]
+    token = subscriber.acquire_started(self)
+    if token is None:
+        return _orig_raw_connection(self)
     started = perf_counter()
-    if (
-        caller is None
-        or caller.f_code is not _CONNECTION_INIT
-        or acquiring_session.get() is not None
-        # Without the session hooks an ORM session's connection would look like the app's own.
-        or (SessionTransaction, "_connection_for_bind") not in _originals
-    ):
-        return _new_tuple(Acquisition, (started, False, None, ()))
     try:
-        # The application frame is above the Connection being opened, not in the pool.
-        if depth:
-            stack = application_stack(caller.f_back, depth)
-            return _new_tuple(Acquisition, (started, True, stack[0] if stack else None, stack))
-        return _new_tuple(Acquisition, (started, True, application_location(caller.f_back), ()))
-    except Exception:
-        return _new_tuple(Acquisition, (started, True, None, ()))
+        proxy = _orig_raw_connection(self)
+    except BaseException as error:  # noted for the monitor, and raised on untouched
+        subscriber.acquire_failed(token, started, error)
+        raise
+    # The checkout is counted here, with the pool's proxy in hand, rather than in the pool's
+    # checkout event: a checkout listener puts every checkout on the pool's slower path, and
+    # the wait, the session and where a Core connection opened are all known here. Pool.connect()
+    # called directly, past the engine, is counted neither here nor at its checkin.
+    subscriber.acquire_finished(token, started, proxy, sys._getframe().f_back)
+    return proxy
 
 
-def _connection_for_bind(
-    self: SessionTransaction, bind: Any, execution_options: Any = None, *args: Any, **kw: Any
-) -> Any:
+def _raw_connection_for_many(engine: Engine, subscribers: tuple[Subscriber, ...]) -> Any:
+    watched = [(s, t) for s in subscribers if (t := s.acquire_started(engine)) is not None]
+    if not watched:
+        return _orig_raw_connection(engine)
+    started = perf_counter()
+    try:
+        proxy = _orig_raw_connection(engine)
+    except BaseException as error:  # noted for the monitors, and raised on untouched
+        for subscriber, token in watched:
+            subscriber.acquire_failed(token, started, error)
+        raise
+    hook = sys._getframe().f_back  # _raw_connection's
+    caller = None if hook is None else hook.f_back
+    for subscriber, token in watched:
+        subscriber.acquire_finished(token, started, proxy, caller)
+    return proxy
+
+
+def sessions_hooked() -> bool:
+    """Whether ORM sessions are followed: without their hooks an ORM session's connection would
+    look like the app's own Core connection."""
+    return (SessionTransaction, "_connection_for_bind") in _originals
+
+
+def _connection_for_bind(self: SessionTransaction, bind: Any, execution_options: Any) -> Any:
     subscribers = _subscribers
     # Only a root transaction asking for a bind it has no connection for acquires one; only a
     # real Engine or Connection is ours to look at (a test's Mock bind is left alone).
@@ -253,32 +235,30 @@ def _connection_for_bind(
         or not issubclass(type(bind), (Engine, Connection))
         or bind in self._connections
     ):
-        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
+        return _orig_connection_for_bind(self, bind, execution_options)
     session = self.session
     caller = sys._getframe().f_back  # None when the wrapper is a greenlet's first frame
     for subscriber in subscribers:
         subscriber.session_acquiring(session, bind, caller)
     del caller
     token = acquiring_session.set(weakref.ref(session))
-    failure: BaseException | None = None
     try:
-        return _orig_connection_for_bind(self, bind, execution_options, *args, **kw)
+        connection = _orig_connection_for_bind(self, bind, execution_options)
     except BaseException as error:  # noted for the monitors, and raised on untouched
-        failure = error
-        raise
-    finally:
         acquiring_session.reset(token)
-        if failure is not None:  # no connection came (a pool timeout, a refused connect...)
-            for subscriber in subscribers:
-                subscriber.session_acquire_failed(session, failure)
-        failure = None  # no reference cycle through the traceback
+        # No connection came (a pool timeout, a refused connect...).
+        for subscriber in subscribers:
+            subscriber.session_acquire_failed(session, error)
+        raise
+    acquiring_session.reset(token)
+    return connection
 
 
-def _close_impl(self: Session, *args: Any, **kw: Any) -> Any:
+def _close_impl(self: Session, invalidate: bool, is_reset: bool = False) -> None:
     for subscriber in _subscribers:
         subscriber.session_closing(self)
     try:
-        return _orig_close_impl(self, *args, **kw)
+        _orig_close_impl(self, invalidate, is_reset)
     finally:
         for subscriber in _subscribers:
             subscriber.session_closed(self)
@@ -453,18 +433,38 @@ _orig_async_session_close: Any = None
 
 
 def wraps_checkin() -> bool:
-    """Whether this SQLAlchemy has the method the checkin hook wraps; without it, the pool
-    trackers listen to the pools' checkin event instead."""
-    return callable(_ConnectionRecord.__dict__.get("checkin"))
+    """Whether this SQLAlchemy has the method the checkin hook wraps, as the hook calls it;
+    without it, the pool trackers listen to the pools' checkin event instead."""
+    original = _ConnectionRecord.__dict__.get("checkin")
+    return callable(original) and _takes_the_same_arguments(original, _record_checkin)
+
+
+def _takes_the_same_arguments(original: Any, wrapper: Callable[..., Any]) -> bool:
+    """Whether the wrapper accepts every call the original accepts, as the original does: the
+    hot wrappers spell out the parameters (no *args, **kw to pack on every call), so a release
+    that changes a signature leaves that group uninstalled rather than break a call."""
+    try:
+        wanted = inspect.signature(original).parameters.values()
+        offered = inspect.signature(wrapper).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = {p.kind for p in offered}
+    if inspect.Parameter.VAR_POSITIONAL in kinds and inspect.Parameter.VAR_KEYWORD in kinds:
+        return True
+    return [(p.name, p.kind, p.default is p.empty) for p in wanted] == [
+        (p.name, p.kind, p.default is p.empty) for p in offered
+    ]
 
 
 def missing() -> list[tuple[str, str]]:
-    """(what is lost, the method that is gone) for each group this SQLAlchemy cannot have."""
+    """(what is lost, the method that is gone or changed) for each group this SQLAlchemy cannot
+    have."""
     return [
         (purpose, f"{cls.__name__}.{name}")
         for purpose, methods in _groups()
-        for cls, name, _, _ in methods
+        for cls, name, wrapper, _ in methods
         if not callable(cls.__dict__.get(name))
+        or not _takes_the_same_arguments(cls.__dict__[name], wrapper)
     ]
 
 

@@ -33,6 +33,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from time import perf_counter
+from types import FrameType
 from typing import Any, Protocol
 
 from sqlalchemy import event, exc
@@ -41,13 +42,14 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool
 
 from ..hooks.forking import Stage, in_child, new_lock
 from ..hooks.guard import Guard
-from ..hooks.stacks import application_location, format_location
+from ..hooks.stacks import application_location, application_stack, format_location
 from ..hooks.wrappers import (
     CHECKOUT_ATTRIBUTE,
-    Acquisition,
+    CONNECTION_INIT,
     acquiring_session,
     in_greenlet,
     install_new_groups,
+    sessions_hooked,
     wraps_checkin,
 )
 from .backends import ApplicationNameTagger, backend_pid
@@ -55,12 +57,14 @@ from .context import current_request, serving_no_request
 from .naming import pool_name_for
 from .observer import Fanout
 from .pool_state import EnginePool, PoolSnapshot, PoolState, WatchedPool, root_engine
-from .records import RequestScope, TrackedCheckout
+from .records import RequestScope, TrackedCheckout, TrackedSession
 from .sessions import SessionTracker
 from .stats import PoolStats
 
 _CONNECT_STARTED = "session_monitor.connect_started"
+_UNSEEN: Any = object()  # an engine the tracker has not decided about yet
 _INVALIDATED = "session_monitor.invalidated"
+
 
 def close_reason(record: Any) -> str:
     """Why a pool closes a connection (`metric_table.CLOSE_REASONS`), told from the pool's
@@ -280,9 +284,7 @@ class PoolTracker:
                 state.peak_ever = max(state.peak_ever, stats.peak_used)
                 state.stats.peak_used = used
             stats.pending = pending
-            pools.append(
-                PoolSnapshot(state.name, idle, used, maximum, stats, state.server_allowed)
-            )
+            pools.append(PoolSnapshot(state.name, idle, used, maximum, stats, state.server_allowed))
         return pools
 
     def states(self) -> list[PoolState]:
@@ -340,9 +342,13 @@ class PoolTracker:
 
     # -- waiting (called by the raw_connection hook; never raise) ---------------------------
 
-    def acquire_started(self, engine: Engine) -> tuple[WatchedPool, bool] | None:
+    def acquire_started(self, engine: Engine) -> WatchedPool | tuple[WatchedPool] | None:
+        """The token for `acquire_finished`: the engine's watched pool now, in a 1-tuple when
+        the caller will wait (it is pending); None for an engine not watched."""
         try:
-            entry = self.entry_for(engine)
+            entry: EnginePool | None = self._engines.get(id(engine), _UNSEEN)
+            if entry is _UNSEEN:
+                entry = self.entry_for(engine)
             if entry is None:
                 return None
             # The engine's pool now (a view's is its parent's): a new object after dispose().
@@ -357,32 +363,107 @@ class PoolTracker:
             # FastAPI's canonical order (yield dependencies close after background tasks).
             if request is not None and request.sessions and not request.responded:
                 self._check_nested(request, watched)
-            pending = watched.will_wait(pool)
-            if pending:
+            # A caller finds no connection to take only once a bounded QueuePool has opened all
+            # it may (its overflow at the maximum: a cheap read first), and none is idle. The
+            # pool's own count includes connections still being opened: callers arriving at a
+            # cold pool wait for those too.
+            bound = watched.bound
+            if (
+                bound is not None
+                and pool._overflow >= pool._max_overflow  # type: ignore[attr-defined]
+                and pool.checkedout() >= bound  # type: ignore[attr-defined]
+            ):
                 self._pending(watched, +1)
-            return watched, pending
+                return (watched,)
+            return watched
         except Exception:
             self._guard.failed("raw_connection")
             return None
 
-    def acquire_finished(
-        self,
-        token: tuple[WatchedPool, bool],
-        current: Acquisition,
-        proxy: Any,
-        failure: BaseException | None,
+    def acquire_failed(
+        self, token: WatchedPool | tuple[WatchedPool], started: float, failure: BaseException
     ) -> None:
         try:
-            watched, pending = token
+            pending = token.__class__ is tuple
+            watched: WatchedPool = token[0] if pending else token  # type: ignore[index, assignment]
             if pending:
                 self._pending(watched, -1)
-            if proxy is not None:
-                if self.following:
-                    self._checked_out(watched, proxy._connection_record, proxy, current)
-            elif isinstance(failure, exc.TimeoutError):
-                self._timed_out(watched, perf_counter() - current.started)
+            if isinstance(failure, exc.TimeoutError):
+                self._timed_out(watched, perf_counter() - started)
             elif pending and isinstance(failure, CancelledError):
-                self._wait_cancelled(watched, perf_counter() - current.started)
+                self._wait_cancelled(watched, perf_counter() - started)
+        except Exception:
+            self._guard.failed("checkout")
+
+    def acquire_finished(
+        self,
+        token: WatchedPool | tuple[WatchedPool],
+        started: float,
+        proxy: Any,
+        caller: FrameType | None,
+    ) -> None:
+        """A checkout through the engine (the raw_connection hook): counted, and kept with the
+        pool's connection record until its checkin (`checked_in`)."""
+        try:
+            now = perf_counter()
+            if token.__class__ is tuple:
+                watched: WatchedPool = token[0]
+                self._pending(watched, -1)
+            else:
+                watched = token  # type: ignore[assignment]
+            if not self.following:
+                return
+            state = watched.label
+            record = proxy._connection_record
+            key = id(record)
+            request = current_request.get()
+            ref = acquiring_session.get()
+            if ref is not None:
+                orm_session = ref()
+                owner = None if orm_session is None else self._sessions.tracked(orm_session)
+            elif caller is not None and caller.f_code is CONNECTION_INIT and sessions_hooked():
+                # Checked out by the app through Core: the connection is the session, opened
+                # where the application frame above the Connection is.
+                if self._stack_depth:
+                    stack = application_stack(caller.f_back, self._stack_depth)
+                    location = stack[0] if stack else None
+                else:
+                    stack, location = (), application_location(caller.f_back)
+                owner = self._sessions.open("connection", state, location, stack, request)
+            else:
+                owner = None
+            checkout = TrackedCheckout(watched, key, owner, request, now)
+            if owner is not None:
+                self._sessions.attach(checkout, proxy)
+                # A sync session on the event loop's thread (the task is known only there),
+                # while the app serves requests: a lifespan's startup and shutdown block none.
+                if checkout.task_ref is not None:
+                    checkout.blocking = not in_greenlet() and not serving_no_request()
+            attributes = record.__dict__
+            previous = attributes.get(CHECKOUT_ATTRIBUTE)
+            if previous is not None and not previous.returned:
+                checkout.next_checkout = previous  # another monitor's count of this checkout
+            attributes[CHECKOUT_ATTRIBUTE] = checkout
+            wait = now - started
+            stats = state.stats
+            histogram = stats.wait
+            bucket = bisect_left(histogram.bounds, wait)
+            emit = self._emit
+            with state.lock:
+                checked_out = watched.checked_out
+                if key not in checked_out:
+                    used = state.used = state.used + 1
+                    if used > stats.peak_used:
+                        stats.peak_used = used
+                checked_out[key] = checkout
+                if not watched.counts_itself:
+                    watched.idle.pop(key, None)
+                histogram.counts[bucket] += 1
+                histogram.sum += wait
+                if emit is not None:
+                    self._publish_usage(state)
+            if emit is not None:
+                emit.connection_checked_out(checkout.view(), wait)
         except Exception:
             self._guard.failed("checkout")
 
@@ -391,57 +472,6 @@ class PoolTracker:
     def _publish_capacity(self, state: PoolState) -> None:
         assert self._emit is not None
         self._emit.pool_capacity(state.name, state.maximum())
-
-    def _checked_out(
-        self, watched: WatchedPool, record: Any, proxy: Any, current: Acquisition
-    ) -> None:
-        now = perf_counter()
-        state = watched.label
-        key = id(record)
-        request = current_request.get()
-        ref = acquiring_session.get()
-        if ref is not None:
-            orm_session = ref()
-            owner = None if orm_session is None else self._sessions.tracked(orm_session)
-        elif current.core:
-            # Checked out by the app through Core: the connection is the session.
-            stack = current.stack[: self._stack_depth] if self._stack_depth else ()
-            owner = self._sessions.open("connection", state, current.location, stack, request)
-        else:
-            owner = None
-        checkout = TrackedCheckout(watched, key, owner, request, now)
-        if owner is not None:
-            self._sessions.attach(checkout, proxy)
-            # A sync session on the event loop's thread (the task is known only there), while
-            # the app serves requests: a lifespan's startup and shutdown block none.
-            if checkout.task_ref is not None:
-                checkout.blocking = not in_greenlet() and not serving_no_request()
-        # Kept with the pool's record until its checkin hook hands it back (`checked_in`).
-        attributes = record.__dict__
-        previous = attributes.get(CHECKOUT_ATTRIBUTE)
-        if previous is not None and not previous.returned:
-            checkout.next_checkout = previous  # another monitor's count of this checkout
-        attributes[CHECKOUT_ATTRIBUTE] = checkout
-        wait = now - current.started
-        stats = state.stats
-        histogram = stats.wait
-        bucket = bisect_left(histogram.bounds, wait)
-        emit = self._emit
-        with state.lock:
-            checked_out = watched.checked_out
-            if key not in checked_out:
-                used = state.used = state.used + 1
-                if used > stats.peak_used:
-                    stats.peak_used = used
-            checked_out[key] = checkout
-            if not watched.counts_itself:
-                watched.idle.pop(key, None)
-            histogram.counts[bucket] += 1
-            histogram.sum += wait
-            if emit is not None:
-                self._publish_usage(state)
-        if emit is not None:
-            emit.connection_checked_out(checkout.view(), wait)
 
     def checked_in(self, checkout: TrackedCheckout, back_to_idle: bool) -> None:
         """The pool takes back a connection this tracker counted out (the connection record's
@@ -631,14 +661,15 @@ class PoolTracker:
         """A request asking a pool for a connection while one of its sessions holds another
         of the same pool."""
         checked_out = watched.checked_out
-        ref = acquiring_session.get()
-        orm_session = None if ref is None else ref()
-        acquiring = None if orm_session is None else self._sessions.tracked(orm_session)
         for session in request.sessions:
-            if session is acquiring or session.closed:
+            if session.closed or not session.checkouts:  # a session about to take its first
                 continue
             for held in session.checkouts:
-                if not held.returned and checked_out.get(held.record_key) is held:
+                if (
+                    not held.returned
+                    and checked_out.get(held.record_key) is held
+                    and session is not self._acquiring()
+                ):
                     self._sessions.pitfalls.found(
                         "nested_checkout",
                         session,
@@ -647,6 +678,12 @@ class PoolTracker:
                         f"{format_location(session.view.location)} holds one",
                     )
                     return
+
+    def _acquiring(self) -> TrackedSession | None:
+        """The session whose connection is being acquired now, if this monitor tracks it."""
+        ref = acquiring_session.get()
+        orm_session = None if ref is None else ref()
+        return None if orm_session is None else self._sessions.tracked(orm_session)
 
     def _pending(self, watched: WatchedPool, delta: int) -> None:
         try:
@@ -688,9 +725,7 @@ class PoolTracker:
         except Exception:
             self._guard.failed("wait_cancelled")
 
-    def _report_exhaustion(
-        self, watched: WatchedPool, kind: str, waited: float
-    ) -> tuple[str, ...]:
+    def _report_exhaustion(self, watched: WatchedPool, kind: str, waited: float) -> tuple[str, ...]:
         """The exhausted pool's own holders and usage, not those of its name's other pools."""
         state = watched.label
         with state.lock:

@@ -283,12 +283,12 @@ class SessionMonitor:
                 log=self.config.log_leaks,
             )
             self._idle_sampler.start()
-        for purpose, method in wrappers.missing():
-            # A SQLAlchemy release without one of the private methods we wrap: that piece is
-            # off, everything else works.
+        for purpose, method, why in wrappers.missing():
+            # A SQLAlchemy release without one of the private methods we wrap, or with other
+            # parameters: that piece is off, everything else works.
             self._guard.count_once(
                 f"hook:{method}",
-                f"session_monitor cannot see {purpose}: this SQLAlchemy has no {method}. "
+                f"session_monitor cannot see {purpose}: this SQLAlchemy {why} {method}. "
                 "Everything else is monitored; please report it with your SQLAlchemy version.",
             )
         wrappers.subscribe(

@@ -460,6 +460,52 @@ for name, labels in [
 """
 
 
+CHANGED_SIGNATURE_APP = """
+import logging, sys
+from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+# As if a release had given Engine.raw_connection a parameter: the hook, which spells out the
+# parameters it passes on, must not be installed, or the new argument would be refused.
+original = Engine.__dict__["raw_connection"]
+def raw_connection(self, _shared=None):
+    return original(self)
+Engine.raw_connection = raw_connection
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
+from session_monitor import SessionMonitor
+
+engine = create_engine("sqlite://")
+registry = CollectorRegistry()
+SessionMonitor(engine, registry=registry)
+print("hooked", Engine.raw_connection is raw_connection)
+print("result", engine.raw_connection(_shared=True).cursor().execute("select 1").fetchone()[0])
+with engine.connect() as connection:
+    print("core", connection.execute(text("select 1")).scalar_one())
+print("checkins", registry.get_sample_value(
+    "db_client_connection_use_time_seconds_count", {"db_client_connection_pool_name": "memory"}
+))
+"""
+
+
+def test_a_changed_signature_leaves_its_hook_out_and_says_so() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CHANGED_SIGNATURE_APP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    warnings = [line for line in out if line.startswith("WARNING")]
+    assert len(warnings) == 1, out
+    assert "changed the parameters of Engine.raw_connection" in warnings[0]
+    assert "hooked True" in out  # the app's (new) method is left in place
+    assert "result 1" in out and "core 1" in out
+    # No checkout is counted without the hook, so no checkin either: the gauges stay right.
+    assert {"checkins None", "checkins 0", "checkins 0.0"} & set(out), out
+
+
 def test_a_missing_private_method_turns_off_only_its_piece() -> None:
     out = subprocess.run(
         [sys.executable, "-c", MISSING_METHOD_APP],

@@ -70,7 +70,8 @@ class Subscriber(NamedTuple):
     acquire_finished: Callable[[Any, float, Any, FrameType | None], None]
     # (token, perf_counter() when it began waiting, the exception the checkout raised)
     acquire_failed: Callable[[Any, float, BaseException], None]
-    session_acquiring: Callable[[Session, Any, FrameType | None], None]
+    # (session, bind, caller) -> the monitor's record of the session, or None
+    session_acquiring: Callable[[Session, Any, FrameType | None], Any]
     session_closing: Callable[[Session], None]  # called from _close_impl: see its frames
     session_flushed: Callable[[Session], None]
     session_closed: Callable[[Session], None]
@@ -82,8 +83,10 @@ class Subscriber(NamedTuple):
     statement_failed: Callable[[Connection], None]
 
 
-# The ORM Session whose root transaction is acquiring a connection right now, weakly.
-acquiring_session: ContextVar[weakref.ref[Session] | None] = ContextVar(
+# The ORM Session whose root transaction is acquiring a connection right now, weakly, and, when
+# one monitor is subscribed, its record of the session (the monitor's own object, which refers
+# to no application object), so that the checkout finds its session without a lookup.
+acquiring_session: ContextVar[tuple[weakref.ref[Session], Any] | None] = ContextVar(
     "session_monitor_acquiring", default=None
 )
 
@@ -238,10 +241,15 @@ def _connection_for_bind(self: SessionTransaction, bind: Any, execution_options:
         return _orig_connection_for_bind(self, bind, execution_options)
     session = self.session
     caller = sys._getframe().f_back  # None when the wrapper is a greenlet's first frame
-    for subscriber in subscribers:
-        subscriber.session_acquiring(session, bind, caller)
+    if len(subscribers) == 1:
+        record = subscribers[0].session_acquiring(session, bind, caller)
+    else:
+        record = None  # each monitor looks its own up
+        for subscriber in subscribers:
+            subscriber.session_acquiring(session, bind, caller)
     del caller
-    token = acquiring_session.set(weakref.ref(session))
+    token = acquiring_session.set((weakref.ref(session), record))
+    del record
     try:
         connection = _orig_connection_for_bind(self, bind, execution_options)
     except BaseException as error:  # noted for the monitors, and raised on untouched
@@ -456,20 +464,22 @@ def _takes_the_same_arguments(original: Any, wrapper: Callable[..., Any]) -> boo
     ]
 
 
-def missing() -> list[tuple[str, str]]:
-    """(what is lost, the method that is gone or changed) for each group this SQLAlchemy cannot
-    have."""
-    return [
-        (purpose, f"{cls.__name__}.{name}")
-        for purpose, methods in _groups()
-        for cls, name, wrapper, _ in methods
-        if not callable(cls.__dict__.get(name))
-        or not _takes_the_same_arguments(cls.__dict__[name], wrapper)
-    ]
+def missing() -> list[tuple[str, str, str]]:
+    """(what is lost, the method, why: "has no" or "changed the parameters of") for each
+    group this SQLAlchemy cannot have."""
+    found = []
+    for purpose, methods in _groups():
+        for cls, name, wrapper, _ in methods:
+            original = cls.__dict__.get(name)
+            if not callable(original):
+                found.append((purpose, f"{cls.__name__}.{name}", "has no"))
+            elif not _takes_the_same_arguments(original, wrapper):
+                found.append((purpose, f"{cls.__name__}.{name}", "changed the parameters of"))
+    return found
 
 
 def _install() -> None:
-    lacking = {method for _, method in missing()}
+    lacking = {method for _, method, _ in missing()}
     module = sys.modules[__name__]
     for _, methods in _groups():
         if any(f"{cls.__name__}.{name}" in lacking for cls, name, _, _ in methods) or any(

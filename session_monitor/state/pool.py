@@ -258,6 +258,10 @@ class PoolTracker:
                     watched.pending = 0
                     for checkout in list(watched.checked_out.values()):
                         checkout.returned = True
+                        if checkout.owner is not None:
+                            # A Core connection's session, which only its checkout lists: the
+                            # parent's, as its ORM sessions (`SessionTracker.forked`).
+                            checkout.owner.closed = True
                     watched.checked_out.clear()
         except Exception:
             self._guard.failed("fork")
@@ -417,10 +421,11 @@ class PoolTracker:
             record = proxy._connection_record
             key = id(record)
             request = current_request.get()
-            ref = acquiring_session.get()
-            if ref is not None:
-                orm_session = ref()
-                owner = None if orm_session is None else self._sessions.tracked(orm_session)
+            acquiring = acquiring_session.get()
+            if acquiring is not None:
+                owner = acquiring[1]
+                if owner is None:  # several monitors: each finds its own record
+                    owner = self._acquiring()
             elif caller is not None and caller.f_code is CONNECTION_INIT and sessions_hooked():
                 # Checked out by the app through Core: the connection is the session, opened
                 # where the application frame above the Connection is.
@@ -681,8 +686,8 @@ class PoolTracker:
 
     def _acquiring(self) -> TrackedSession | None:
         """The session whose connection is being acquired now, if this monitor tracks it."""
-        ref = acquiring_session.get()
-        orm_session = None if ref is None else ref()
+        acquiring = acquiring_session.get()
+        orm_session = None if acquiring is None else acquiring[0]()
         return None if orm_session is None else self._sessions.tracked(orm_session)
 
     def _pending(self, watched: WatchedPool, delta: int) -> None:
@@ -706,9 +711,7 @@ class PoolTracker:
                 state.stats.timeouts += 1
             holders = self._report_exhaustion(watched, "timeout", waited)
             if self._emit is not None:
-                ref = acquiring_session.get()
-                orm_session = None if ref is None else ref()
-                tracked = None if orm_session is None else self._sessions.tracked(orm_session)
+                tracked = self._acquiring()
                 view = None if tracked is None else tracked.view
                 self._emit.checkout_timed_out(state.name, waited, view, holders)
         except Exception:

@@ -174,8 +174,8 @@ class TrackedCheckout:
     transaction_started_at: float | None = None
     transaction_closing = False
     statement_failed = False  # in this transaction: its end is a rollback unless committed
-    connection_key: int | None = None  # id() of the Connection that began it
-    proxy_key: int | None = None  # id() of the pool's connection proxy
+    # The SessionTracker of its owner: the one whose transaction hooks count its transactions.
+    session_tracker: object = None
     task_ref: weakref.ref[Any] | None = None  # the holder's asyncio task, weakly
     # The idle-in-transaction sampler's notes: since when the holder was seen elsewhere.
     away_since: float | None = None

@@ -50,7 +50,7 @@ from ..config import MonitorConfig
 from ..hooks.forking import Stage, in_child
 from ..hooks.guard import Guard
 from ..hooks.stacks import Location, application_location, application_stack
-from ..hooks.wrappers import closing_while_leaving, exception_leaving
+from ..hooks.wrappers import CHECKOUT_ATTRIBUTE, closing_while_leaving, exception_leaving
 from .context import current_request
 from .naming import NO_REQUEST
 from .observer import Fanout
@@ -135,6 +135,14 @@ def _has_net_changes(orm_session: Session) -> bool:
     return False
 
 
+class _SessionRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to an open ORM Session that knows its record: the collector's callback
+    finds the record without an index of references."""
+
+    __slots__ = ("tracked",)
+    tracked: TrackedSession
+
+
 class SessionTracker:
     def __init__(
         self,
@@ -149,11 +157,10 @@ class SessionTracker:
         self._stack_depth = config.stack_depth if config.capture_stacks else 0
         self._emit = observers  # None when the metrics are all there is: no call at all
         self._guard = guard
-        # Open ORM sessions by id() of their weak reference (`TrackedSession.session_ref`);
-        # one bound method serves as every reference's callback. And by id() of the Session:
-        # nothing is written into the app's Session (its `info` is the app's own). The weak
-        # reference's callback removes a collected Session before its id() can be reused.
-        self._live: dict[int, TrackedSession] = {}
+        # Open ORM sessions by id() of the Session: nothing is written into the app's Session
+        # (its `info` is the app's own). Each record's weak reference to its Session
+        # (`_SessionRef`) is kept alive by the record listed here; its callback, one bound
+        # method for all, removes a collected Session before its id() can be reused.
         self._by_session: dict[int, TrackedSession] = {}
         self._collected_callback = self._collected
         # Guards the counters and each record's closed and leak_reason; the detectors share it.
@@ -163,19 +170,13 @@ class SessionTracker:
         self._stats: dict[tuple[str, str], SessionStats] = {}
         self.leaks = leaks
         self.pitfalls = pitfalls
-        # Checkouts that belong to a session, by id() of their connection proxy, which a
-        # Connection holds: the transaction hooks find a connection's checkout with one lookup.
-        self._by_proxy: dict[int, TrackedCheckout] = {}
-        # ... and by id() of the Connection using them, from its first transaction on: once a
-        # connection is invalidated it no longer holds its proxy.
-        self._by_connection: dict[int, TrackedCheckout] = {}
         # Set by the monitor once the pool tracker exists: an engine's pool entry, or None.
         self.entry_for: Callable[[Engine], EnginePool | None] = lambda engine: None
         in_child(Stage.FORGET, self.forked)
 
     @property
     def live_sessions(self) -> int:
-        return len(self._live)
+        return len(self._by_session)
 
     def snapshot(self) -> dict[tuple[str, str], SessionStats]:
         with self.lock:
@@ -212,8 +213,11 @@ class SessionTracker:
                 stats = self._stats.setdefault(key, new)
         return stats
 
-    def session_acquiring(self, orm_session: Session, bind: Any, frame: FrameType | None) -> None:
-        """Called by the hook when a session's root transaction asks for a connection."""
+    def session_acquiring(
+        self, orm_session: Session, bind: Any, frame: FrameType | None
+    ) -> TrackedSession | None:
+        """Called by the hook when a session's root transaction asks for a connection: its
+        record, opened now unless it is open already."""
         try:
             tracked = self.tracked(orm_session)
             if tracked is not None:
@@ -235,24 +239,26 @@ class SessionTracker:
                         application_location(frame),
                         f"opened in {opened_in.method} {opened_in.route}",
                     )
-                return
+                return tracked
             engine = bind if isinstance(bind, Engine) else bind.engine
             entry = self.entry_for(engine)
             if entry is None:
-                return
+                return None
             if self._stack_depth:
                 stack = application_stack(frame, self._stack_depth)
                 location = stack[0] if stack else None
             else:
                 stack, location = (), application_location(frame)
             tracked = self.open("session", entry.state, location, stack, current_request.get())
-            # The record keeps its reference alive, so the id() stays unique while it is listed.
-            tracked.session_ref = ref = weakref.ref(orm_session, self._collected_callback)
-            self._live[id(ref)] = tracked
+            ref = _SessionRef(orm_session, self._collected_callback)
+            ref.tracked = tracked
+            tracked.session_ref = ref
             tracked.session_key = key = id(orm_session)
             self._by_session[key] = tracked
+            return tracked
         except Exception:
             self._guard.failed("session_open")
+            return None
 
     def tracked(self, orm_session: Session) -> TrackedSession | None:
         """This monitor's open record of an ORM session."""
@@ -265,9 +271,11 @@ class SessionTracker:
     def session_closed(self, orm_session: Session) -> None:
         """Called by the Session close hook."""
         try:
-            tracked = self.tracked(orm_session)
-            if tracked is not None:
-                self.close(tracked)
+            tracked = self._by_session.get(id(orm_session))
+            if tracked is not None and not tracked.closed:
+                ref = tracked.session_ref
+                if ref is not None and ref() is orm_session:
+                    self.close(tracked)
         except Exception:
             self._guard.failed("session_close")
 
@@ -296,10 +304,10 @@ class SessionTracker:
         except Exception:
             self._guard.failed("session_acquire_failed")
 
-    def _collected(self, ref: weakref.ref[Session]) -> None:
+    def _collected(self, ref: _SessionRef) -> None:
         try:
-            tracked = self._live.get(id(ref))
-            if tracked is not None:
+            tracked = ref.tracked
+            if tracked.session_ref is ref:  # still open: closing drops the reference
                 if tracked.flushed_uncommitted and not tracked.closed:
                     # Dropped with flushed writes never committed: the garbage collector's
                     # reset rolls them back, the forgotten commit without even a close().
@@ -325,9 +333,7 @@ class SessionTracker:
             stats.closed += 1
             histogram.counts[bucket] += 1
             histogram.sum += duration
-        ref = tracked.session_ref
-        if ref is not None:
-            self._live.pop(id(ref), None)
+        if tracked.session_ref is not None:
             if self._by_session.get(tracked.session_key) is tracked:
                 del self._by_session[tracked.session_key]
             # Dropping the reference drops its callback: a closed session dies unobserved.
@@ -360,16 +366,12 @@ class SessionTracker:
         when its copies are dropped or collected, and counts from zero, as a new process, so
         opened = closed + active holds with its own sessions alone."""
         try:
-            owners = [checkout.owner for checkout in self._by_proxy.values()]
-            for tracked in [*self._live.values(), *owners]:
-                if tracked is not None:
-                    tracked.closed = True  # what every hook and detector skips
-                    # Its weak reference goes, and with it the collector's callback.
-                    tracked.session_ref = None
-            self._live.clear()
+            # (The Core connections' sessions are marked with their checkouts: `PoolTracker`.)
+            for tracked in self._by_session.values():
+                tracked.closed = True  # what every hook and detector skips
+                # Its weak reference goes, and with it the collector's callback.
+                tracked.session_ref = None
             self._by_session.clear()
-            self._by_proxy.clear()
-            self._by_connection.clear()
             self._stats = {}
             self.leaks.forked()
             self.pitfalls.forked()
@@ -379,10 +381,8 @@ class SessionTracker:
     def stop_following(self) -> None:
         """At uninstrument, after the pools have counted their connections back: sessions
         still open are counted closed now, and none of them is reported as a leak later."""
-        for tracked in list(self._live.values()):
+        for tracked in list(self._by_session.values()):
             self.close(tracked)
-        self._by_proxy.clear()
-        self._by_connection.clear()
 
     # -- the connections a session holds (called by the pool listeners) ----------------------
 
@@ -390,8 +390,7 @@ class SessionTracker:
         owner = checkout.owner
         assert owner is not None
         owner.checkouts.append(checkout)
-        checkout.proxy_key = id(proxy)
-        self._by_proxy[checkout.proxy_key] = checkout
+        checkout.session_tracker = self  # the transaction hooks find it on the pool's record
         if owner.kind == "connection":
             # How a Core connection dropped unclosed is told at checkin.
             checkout.fairy_ref = weakref.ref(proxy)
@@ -404,24 +403,30 @@ class SessionTracker:
         owner = checkout.owner
         if owner is None:
             return
-        # Only this checkout's own entries: a collected proxy's id() may already be reused.
-        key = checkout.connection_key
-        if key is not None and self._by_connection.get(key) is checkout:
-            del self._by_connection[key]
-        key = checkout.proxy_key
-        if key is not None and self._by_proxy.get(key) is checkout:
-            del self._by_proxy[key]
-        if checkout in owner.checkouts:
-            owner.checkouts.remove(checkout)
+        checkouts = owner.checkouts
+        if checkouts and checkouts[-1] is checkout:  # the one it holds, usually its only one
+            checkouts.pop()
+        elif checkout in checkouts:
+            checkouts.remove(checkout)
         if checkout.age_reported:
             self.leaks.came_back(checkout, held)
         if owner.kind == "connection":
             self.close(owner, collected=checkout.collected)
 
+    def checkout_of(self, connection: Connection) -> TrackedCheckout | None:
+        """This tracker's checkout of the pooled connection a Connection holds now, kept on
+        the pool's connection record; None once the Connection has let it go (closed, or
+        invalidated: the invalidation ended its transaction already)."""
+        proxy = connection.__dict__.get("_dbapi_connection")
+        record = getattr(proxy, "_connection_record", None)
+        checkout = None if record is None else record.__dict__.get(CHECKOUT_ATTRIBUTE)
+        while checkout is not None and checkout.session_tracker is not self:
+            checkout = checkout.next_checkout  # another monitor's count of it
+        return checkout
+
     def session_for(self, connection: Connection) -> SessionView | None:
         """The session a Connection belongs to, if this monitor tracks it (for statement spans)."""
-        proxy = connection.__dict__.get("_dbapi_connection")
-        checkout = None if proxy is None else self._by_proxy.get(id(proxy))
+        checkout = self.checkout_of(connection)
         if checkout is None or checkout.returned or checkout.owner is None:
             return None
         return checkout.owner.view
@@ -430,18 +435,23 @@ class SessionTracker:
 
     def transaction_began(self, connection: Connection) -> None:
         try:
-            proxy = connection._dbapi_connection
-            checkout = None if proxy is None else self._by_proxy.get(id(proxy))
-            if checkout is not None:
-                self.begin_transaction(checkout)
-                checkout.connection_key = key = id(connection)
-                self._by_connection[key] = checkout
+            checkout = self.checkout_of(connection)
+            if checkout is not None and not checkout.returned:
+                if checkout.transaction_started_at is not None:
+                    self.end_transaction(checkout, "close")
+                checkout.transaction_started_at = perf_counter()
+                if checkout.transaction_closing:
+                    checkout.transaction_closing = False
+                checkout.statement_failed = False
+                owner = checkout.owner
+                if owner is not None:
+                    owner.transaction_count += 1
         except Exception:
             self._guard.failed("transaction_begin")
 
     def transaction_committed(self, connection: Connection) -> None:
         try:
-            checkout = self._by_connection.get(id(connection))
+            checkout = self.checkout_of(connection)
             if checkout is not None and not checkout.returned:
                 if checkout.owner is not None:
                     checkout.owner.flushed_uncommitted = False
@@ -451,7 +461,7 @@ class SessionTracker:
 
     def transaction_rolling_back(self, connection: Connection) -> None:
         try:
-            checkout = self._by_connection.get(id(connection))
+            checkout = self.checkout_of(connection)
             if checkout is not None and not checkout.returned:
                 outcome = "close" if checkout.transaction_closing else "rollback"
                 if checkout.owner is not None and outcome == "rollback":
@@ -462,7 +472,7 @@ class SessionTracker:
 
     def statement_failed(self, connection: Connection) -> None:
         try:
-            checkout = self._by_connection.get(id(connection))
+            checkout = self.checkout_of(connection)
             if checkout is not None and checkout.transaction_started_at is not None:
                 checkout.statement_failed = True
         except Exception:
@@ -471,42 +481,36 @@ class SessionTracker:
     def transaction_closing(self, connection: Connection, closing: bool) -> None:
         """Around Transaction.close(): a rollback it makes ends the transaction as `close`."""
         try:
-            checkout = self._by_connection.get(id(connection))
+            checkout = self.checkout_of(connection)
             if checkout is not None and not checkout.returned:
                 open_transaction = checkout.transaction_started_at is not None
                 checkout.transaction_closing = closing and open_transaction
         except Exception:
             self._guard.failed("transaction_close")
 
-    def begin_transaction(self, checkout: TrackedCheckout) -> None:
-        if checkout.transaction_started_at is not None:
-            self.end_transaction(checkout, "close")
-        checkout.transaction_started_at = perf_counter()
-        checkout.transaction_closing = False
-        checkout.statement_failed = False
-        owner = checkout.owner
-        if owner is not None:
-            owner.transaction_count += 1
+    def _outcome_histogram(self, stats: SessionStats, outcome: str) -> Histogram:
+        new = Histogram(HOLD_BUCKETS)
+        with self.lock:
+            return stats.transactions.setdefault(outcome, new)
 
     def end_transaction(self, checkout: TrackedCheckout, outcome: str) -> None:
         started = checkout.transaction_started_at
         if started is None:
             return
         duration = perf_counter() - started
-        if outcome == "close" and checkout.statement_failed:
-            outcome = "rollback"
         checkout.transaction_started_at = None
-        checkout.transaction_closing = False
-        checkout.statement_failed = False
+        if checkout.statement_failed:
+            checkout.statement_failed = False
+            if outcome == "close":
+                outcome = "rollback"
+        if checkout.transaction_closing:
+            checkout.transaction_closing = False
         owner = checkout.owner
         if owner is None:
             return
-        by_outcome = owner.stats.transactions
-        histogram = by_outcome.get(outcome)
+        histogram = owner.stats.transactions.get(outcome)
         if histogram is None:
-            new = Histogram(HOLD_BUCKETS)
-            with self.lock:
-                histogram = by_outcome.setdefault(outcome, new)
+            histogram = self._outcome_histogram(owner.stats, outcome)
         bucket = bisect_left(histogram.bounds, duration)
         with self.lock:
             histogram.counts[bucket] += 1

@@ -479,12 +479,53 @@ class PoolTracker:
         self._emit.pool_capacity(state.name, state.maximum())
 
     def checked_in(self, checkout: TrackedCheckout, back_to_idle: bool) -> None:
-        """The pool takes back a connection this tracker counted out (the connection record's
-        checkin hook, which found the checkout on the record): its use counted."""
+        """The pool takes back a connection this tracker counted out, called by the connection
+        record's checkin hook (which found the checkout on the record) and by `_taken_back`:
+        out of the used ones, into the idle ones (of a pool that does not count them itself),
+        its use counted once, its session told."""
         if checkout.returned:  # counted back already: at uninstrument, or in a forked child
             return
         try:
-            self._taken_back(checkout.watched, checkout.record_key, back_to_idle=back_to_idle)
+            now = perf_counter()
+            watched = checkout.watched
+            state = watched.label
+            key = checkout.record_key
+            held = now - checkout.checked_out_at
+            histogram = state.stats.use
+            bucket = bisect_left(histogram.bounds, held)
+            emit = self._emit
+            with state.lock:
+                if checkout.returned:
+                    return
+                checkout.returned = True
+                if watched.checked_out.get(key) is checkout:
+                    del watched.checked_out[key]
+                    state.used -= 1
+                histogram.counts[bucket] += 1
+                histogram.sum += held
+                if not watched.counts_itself:
+                    if back_to_idle:
+                        watched.idle[key] = None
+                    else:
+                        watched.idle.pop(key, None)
+                if emit is not None:
+                    # The checkin comes before the pool puts the connection back.
+                    self._publish_usage(state, watched if back_to_idle else None)
+            if emit is not None:
+                emit.connection_checked_in(checkout.view(), held)
+            owner = checkout.owner
+            if owner is not None:
+                if checkout.blocking:
+                    self._sessions.pitfalls.found(
+                        "blocking_event_loop",
+                        owner,
+                        owner.view.location,
+                        f"held on the event loop's thread for {held:.3f}s, which blocked it "
+                        "up to then",
+                    )
+                self._sessions.returned(checkout, held)
+            elif checkout.transaction_started_at is not None:
+                self._sessions.returned(checkout, held)
         except Exception:
             self._guard.failed("checkin")
 
@@ -517,44 +558,21 @@ class PoolTracker:
             self._taken_back(watched, key, back_to_idle=False)
 
     def _taken_back(self, watched: WatchedPool, key: int, *, back_to_idle: bool) -> None:
-        """The pool has a connection back (checkin) or lets it go (detach, invalidation): out of
-        the used ones, into the idle ones (of a pool that does not count them itself), its use
-        counted once."""
-        now = perf_counter()
+        """The pool has a connection back (the checkin event) or lets it go (detach, a pool
+        collected, uninstrument): its checkout counted back, if it has one here."""
+        checkout = watched.checked_out.get(key)
+        if checkout is not None:
+            self.checked_in(checkout, back_to_idle)
+            return
         state = watched.label
-        emit = self._emit
-        held = 0.0
         with state.lock:
-            checkout = watched.checked_out.pop(key, None)
-            if checkout is not None:
-                state.used -= 1
-                held = now - checkout.checked_out_at
-                histogram = state.stats.use
-                histogram.counts[bisect_left(histogram.bounds, held)] += 1
-                histogram.sum += held
             if not watched.counts_itself:
                 if back_to_idle:
                     watched.idle[key] = None
                 else:
                     watched.idle.pop(key, None)
-            if emit is not None:
-                # The checkin comes before the pool puts the connection back.
+            if self._emit is not None:
                 self._publish_usage(state, watched if back_to_idle else None)
-        if checkout is None or checkout.returned:
-            return
-        checkout.returned = True
-        if emit is not None:
-            emit.connection_checked_in(checkout.view(), held)
-        owner = checkout.owner
-        if checkout.blocking and owner is not None:
-            self._sessions.pitfalls.found(
-                "blocking_event_loop",
-                owner,
-                owner.view.location,
-                f"held on the event loop's thread for {held:.3f}s, which blocked it up to then",
-            )
-        if owner is not None or checkout.transaction_started_at is not None:
-            self._sessions.returned(checkout, held)
 
     # -- a connection's own life: opened, closed, invalidated (never per checkout) ---------
 

@@ -417,9 +417,10 @@ class SessionTracker:
         """This tracker's checkout of the pooled connection a Connection holds now, kept on
         the pool's connection record; None once the Connection has let it go (closed, or
         invalidated: the invalidation ended its transaction already)."""
+        # getattr with a default: a Connection without a proxy (closed, invalidated) or a
+        # proxy without a record (detached) has none, at no cost of a branch each.
         proxy = connection.__dict__.get("_dbapi_connection")
-        record = getattr(proxy, "_connection_record", None)
-        checkout = None if record is None else record.__dict__.get(CHECKOUT_ATTRIBUTE)
+        checkout = getattr(getattr(proxy, "_connection_record", None), CHECKOUT_ATTRIBUTE, None)
         while checkout is not None and checkout.session_tracker is not self:
             checkout = checkout.next_checkout  # another monitor's count of it
         return checkout

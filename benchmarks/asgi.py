@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from .common import Table, delta, us
+from .common import Table, Target, delta, us
 from .http_app import BARE_APP, ITEM_ID, MONITORED_APP, PEER_APP, create_app, prepare_database
 from .variants import peer_missing
 
@@ -76,7 +76,9 @@ def _ratio_text(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
-def run(settings: AsgiSettings, workdir: Path, progress: Callable[[str], None]) -> list[Table]:
+def run(
+    settings: AsgiSettings, workdir: Path, progress: Callable[[str], None]
+) -> tuple[list[Table], list[Target]]:
     url = f"sqlite:///{workdir / 'asgi.db'}"
     prepare_database(url)
     missing = peer_missing()
@@ -97,6 +99,7 @@ def run(settings: AsgiSettings, workdir: Path, progress: Callable[[str], None]) 
             f"{PEER_APP} req/s ratio to bare (min-max)",
         ),
     )
+    targets: list[Target] = []
     for concurrency in settings.concurrency:
         bare_times: list[float] = []
         times: dict[str, list[float]] = {variant: [] for variant in variants}
@@ -119,13 +122,25 @@ def run(settings: AsgiSettings, workdir: Path, progress: Callable[[str], None]) 
             progress(f"asgi concurrency {concurrency}: round {round_index + 1}/{settings.rounds}")
         bare = statistics.median(bare_times)
         cells: list[str] = []
+        added: dict[str, float] = {}
         for variant in (MONITORED_APP, PEER_APP):
             if variant in times:
                 median = statistics.median(times[variant])
+                added[variant] = median - bare
                 cells += [us(median), delta(median - bare), _ratio_text(ratios[variant])]
             else:
                 cells += ["skipped", "—", "—"]
         table.add(concurrency, us(bare), *cells)
+        if PEER_APP in added:
+            lower = added[MONITORED_APP] < added[PEER_APP]
+            targets.append(
+                Target(
+                    f"HTTP request in process, {concurrency} at once: monitored Δ µs lower than "
+                    f"{PEER_APP}'s",
+                    f"{delta(added[MONITORED_APP])} µs vs {delta(added[PEER_APP])} µs",
+                    f"lower than every peer {'PASS' if lower else 'MISS'}",
+                )
+            )
     table.notes.append(
         "Every app is benchmarks/http_app.py; sync endpoints run in the threadpool, so 8 "
         "concurrent requests means up to 8 threads inside SQLAlchemy and the monitor at once."
@@ -135,4 +150,4 @@ def run(settings: AsgiSettings, workdir: Path, progress: Callable[[str], None]) 
         "WarnMaxTotalInvocation(max_invocations=10) and PrintStatistics(), whose per-request "
         "print goes to /dev/null here)." + (f" Skipped: {missing}" if missing else "")
     )
-    return [table]
+    return [table], targets

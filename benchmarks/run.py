@@ -224,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             show("http", new)
             targets += found
         if "asgi" in sections:
-            show("asgi", asgi.run(asgi.QUICK if quick else asgi.FULL, workdir, _progress))
+            new, found = asgi.run(asgi.QUICK if quick else asgi.FULL, workdir, _progress)
+            show("asgi", new)
+            targets += found
         if "scale" in sections:
             new, found = scale.run(scale.QUICK if quick else scale.FULL, db_path, _progress)
             show("scale", new)

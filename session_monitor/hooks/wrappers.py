@@ -97,6 +97,10 @@ CONNECTION_INIT = Connection.__init__.__code__
 _subscribers: tuple[Subscriber, ...] = ()
 _lock = new_lock()  # free again in a forked child
 _originals: dict[tuple[type, str], Any] = {}
+# Whether ORM sessions are followed: without their hooks an ORM session's connection would look
+# like the app's own Core connection. Read on every checkout, so kept up to date rather than
+# asked of _originals.
+sessions_hooked = False
 
 
 def subscribed(owner: object) -> bool:
@@ -220,12 +224,6 @@ def _raw_connection_for_many(engine: Engine, subscribers: tuple[Subscriber, ...]
     for subscriber, token in watched:
         subscriber.acquire_finished(token, started, proxy, caller)
     return proxy
-
-
-def sessions_hooked() -> bool:
-    """Whether ORM sessions are followed: without their hooks an ORM session's connection would
-    look like the app's own Core connection."""
-    return (SessionTransaction, "_connection_for_bind") in _originals
 
 
 def _connection_for_bind(self: SessionTransaction, bind: Any, execution_options: Any) -> Any:
@@ -492,6 +490,12 @@ def _install() -> None:
             _originals[(cls, name)] = original
             setattr(module, slot, original)
             setattr(cls, name, wrapper)
+    _note_sessions_hooked()
+
+
+def _note_sessions_hooked() -> None:
+    global sessions_hooked
+    sessions_hooked = (SessionTransaction, "_connection_for_bind") in _originals
 
 
 def _uninstall() -> None:
@@ -499,3 +503,4 @@ def _uninstall() -> None:
     for (cls, name), original in _originals.items():
         setattr(cls, name, original)
     _originals.clear()
+    _note_sessions_hooked()

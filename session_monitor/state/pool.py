@@ -40,6 +40,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
+from ..hooks import wrappers
 from ..hooks.forking import Stage, in_child, new_lock
 from ..hooks.guard import Guard
 from ..hooks.stacks import application_location, application_stack, format_location
@@ -49,7 +50,6 @@ from ..hooks.wrappers import (
     acquiring_session,
     in_greenlet,
     install_new_groups,
-    sessions_hooked,
     wraps_checkin,
 )
 from .backends import ApplicationNameTagger, backend_pid
@@ -426,7 +426,11 @@ class PoolTracker:
                 owner = acquiring[1]
                 if owner is None:  # several monitors: each finds its own record
                     owner = self._acquiring()
-            elif caller is not None and caller.f_code is CONNECTION_INIT and sessions_hooked():
+            elif (
+                caller is not None
+                and caller.f_code is CONNECTION_INIT
+                and wrappers.sessions_hooked
+            ):
                 # Checked out by the app through Core: the connection is the session, opened
                 # where the application frame above the Connection is.
                 if self._stack_depth:

@@ -43,6 +43,7 @@ PEER_TARGETS = (
     "session of 5 statements",
     "Core connect()+execute",
     "engine.connect().close()",
+    "engine.raw_connection().close()",
 )
 
 
@@ -106,7 +107,7 @@ def test_micro_has_every_operation_and_variant(run: Run) -> None:
                 _numbers(row[2])
                 assert RATIO.match(row[4]), row
     targets = [row for row in rows if row[5]]
-    assert len(targets) == 4
+    assert len(targets) == 5  # lifecycle (default, stacks), connect, both checkouts
     assert all(VERDICT.search(row[5]) for row in targets)
 
 
@@ -124,8 +125,8 @@ def test_micro_peer_table(run: Run) -> None:
             assert "lower than every peer" in target and VERDICT.search(target), row
         else:
             assert target == "", row
-    (lifecycle,) = [row for row in rows if row[0] == "session lifecycle"]
-    assert "≤1.15x" in lifecycle[-1]
+    (connect,) = [row for row in rows if row[0] == "engine.connect().close()"]
+    assert "≤+3 µs" in connect[-1]
 
 
 def test_scale_tables(run: Run) -> None:

@@ -470,3 +470,37 @@ def test_a_checkout_past_the_engine_is_counted_on_neither_side(
     assert total(registry, "db_client_connection_count", db_client_connection_state="used") == 0
     assert total(registry, "db_client_connection_count", db_client_connection_state="idle") == 1
     assert total(registry, "session_monitor_internal_errors_total") == 0
+
+
+def test_two_monitors_on_one_engine_each_count_everything(
+    engine: Engine, make_monitor: Callable[..., SessionMonitor]
+) -> None:
+    # Both keep their checkout on the same connection record (a chain) and neither finds its
+    # session in the other's acquiring record: each counts every session, checkout, checkin and
+    # transaction once, and a raw DBAPI connection as a checkout only.
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    monitors = [make_monitor(engine, registry=registry) for registry in registries]
+    factory = sessionmaker(bind=engine)
+    for _ in range(3):
+        with factory() as session:
+            session.execute(text("select 1"))
+            session.commit()
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+            connection.rollback()
+        engine.raw_connection().close()
+    for registry in registries:
+        assert_balanced(registry)
+        assert total(registry, "sqlalchemy_sessions_opened_total") == 6
+        assert total(registry, "sqlalchemy_sessions_closed_total") == 6
+        assert total(registry, "db_client_connection_wait_time_seconds_count") == 9
+        assert total(registry, "db_client_connection_use_time_seconds_count") == 9
+        assert total(registry, "sqlalchemy_transactions_total", outcome="commit") == 3
+        assert total(registry, "sqlalchemy_transactions_total", outcome="rollback") == 3
+    monitors[0].uninstrument()  # the other goes on counting alone
+    with factory() as session:
+        session.execute(text("select 1"))
+        session.commit()
+    assert total(registries[1], "sqlalchemy_sessions_opened_total") == 7
+    assert total(registries[1], "sqlalchemy_transactions_total", outcome="commit") == 4
+    assert_balanced(registries[1])

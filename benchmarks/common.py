@@ -219,3 +219,16 @@ class Target:
     name: str
     measured: str
     verdict: str
+    why: str = ""  # shown where the target is missed: what stands between it and the bar
+
+
+# Why the structural misses are missed: said beside each MISS in RESULTS.md.
+WHY_NO_STATEMENT = (
+    "fastapi-sqlalchemy-monitor listens to statements only: where no statement runs it adds "
+    "nothing, and a monitor that times and counts every checkout cannot cost less than nothing"
+)
+WHY_BOOKKEEPING = (
+    "the bookkeeping each session and checkout needs (two records, the opening line's frame "
+    "walk, five short lock sections, seven interception points); docs/costs.md breaks it down "
+    "by interception point"
+)

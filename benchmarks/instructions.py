@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .common import (
+    WHY_BOOKKEEPING,
+    WHY_NO_STATEMENT,
     Table,
     Target,
     core_connect,
@@ -204,6 +206,7 @@ def run(
                     f"{label}: session_monitor default's instructions, ratio to bare",
                     f"{ratio:.3f}x ({ours:+,.0f})",
                     verdict(ratio, limit),
+                    WHY_BOOKKEEPING,
                 )
             )
         if key in PEER_TARGETS and peers:
@@ -213,6 +216,7 @@ def run(
                     f"{ours:+,.0f} vs "
                     + ", ".join(f"{p.label} {added[p.key]:+,.0f}" for p in peers),
                     "PASS" if lower else "MISS",
+                    WHY_NO_STATEMENT if key in ("connect", "raw") else WHY_BOOKKEEPING,
                 )
             )
     table.notes.append(

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from sqlalchemy.orm import sessionmaker
 
 from .common import (
+    WHY_BOOKKEEPING,
+    WHY_NO_STATEMENT,
     Paired,
     Table,
     Target,
@@ -207,6 +209,7 @@ def _variants_table(
                         f"{label}, {variant.label}",
                         f"{measured.ratio:.3f}x ({delta(measured.median - bare_median)} µs)",
                         check,
+                        WHY_BOOKKEEPING,
                     )
                 )
         for variant_label, _reason in skipped.values():
@@ -287,6 +290,7 @@ def _peer_table(
                         or "no peer"
                     ),
                     lower_check,
+                    WHY_NO_STATEMENT if key in ("connect", "raw") else WHY_BOOKKEEPING,
                 )
             )
         if key == "connect":
@@ -294,7 +298,12 @@ def _peer_table(
             delta_check = f"≤+{CONNECT_DELTA_LIMIT_US:g} µs {'PASS' if within else 'MISS'}"
             checks.append(delta_check)
             targets.append(
-                Target(f"{label}, {DEFAULT.label} Δ µs over bare", delta(own_delta), delta_check)
+                Target(
+                    f"{label}, {DEFAULT.label} Δ µs over bare",
+                    delta(own_delta),
+                    delta_check,
+                    WHY_BOOKKEEPING,
+                )
             )
         table.add(
             label,

@@ -101,10 +101,11 @@ def _targets_table(targets: Sequence[Target]) -> Table:
     table = Table(
         "targets",
         "targets (ratios to bare measured in the same run)",
-        ("target", "measured", "verdict"),
+        ("target", "measured", "verdict", "why it is missed"),
     )
     for target in targets:
-        table.add(target.name, target.measured, target.verdict)
+        why = target.why if target.verdict.endswith("MISS") else ""
+        table.add(target.name, target.measured, target.verdict, why)
     return table
 
 

@@ -4,6 +4,9 @@ refers to the others); the frozen views of them that observers receive are `view
 The records are the monitor's own, mutated under its locks; nothing in them refers strongly to an
 application object (a Session, a Connection, a frame): the ORM Session and the pool's connection
 proxy are held through weak references only, so keeping a record never keeps the app's objects.
+The other way round is allowed: while a connection is out, SQLAlchemy's connection record holds
+its `TrackedCheckout` (`hooks.wrappers.CHECKOUT_ATTRIBUTE`), where the checkin and transaction
+hooks find it without an index of ours.
 """
 
 from __future__ import annotations

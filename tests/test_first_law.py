@@ -489,15 +489,16 @@ print("checkins", registry.get_sample_value(
 """
 
 
-def test_a_changed_signature_leaves_its_hook_out_and_says_so() -> None:
+def _run_with_warnings(app: str) -> tuple[list[str], list[str]]:
+    """The app's printed lines, and those of them that are WARNINGs."""
     out = subprocess.run(
-        [sys.executable, "-c", CHANGED_SIGNATURE_APP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        [sys.executable, "-c", app], capture_output=True, text=True, timeout=60, check=True
     ).stdout.splitlines()
-    warnings = [line for line in out if line.startswith("WARNING")]
+    return out, [line for line in out if line.startswith("WARNING")]
+
+
+def test_a_changed_signature_leaves_its_hook_out_and_says_so() -> None:
+    out, warnings = _run_with_warnings(CHANGED_SIGNATURE_APP)
     assert len(warnings) == 1, out
     assert "changed the parameters of Engine.raw_connection" in warnings[0]
     assert "hooked True" in out  # the app's (new) method is left in place
@@ -507,14 +508,7 @@ def test_a_changed_signature_leaves_its_hook_out_and_says_so() -> None:
 
 
 def test_a_missing_private_method_turns_off_only_its_piece() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", MISSING_METHOD_APP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.splitlines()
-    warnings = [line for line in out if line.startswith("WARNING")]
+    out, warnings = _run_with_warnings(MISSING_METHOD_APP)
     assert len(warnings) == 1
     assert "cannot see ORM sessions" in warnings[0] and "Session._close_impl" in warnings[0]
     assert "result 1" in out
